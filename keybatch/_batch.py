@@ -47,7 +47,7 @@ GONE = 4  # dropped from its worker
 class Group:
     """Operations one batch takes, and the event their callers park on."""
 
-    __slots__ = ("state", "slots", "event", "live", "finished")
+    __slots__ = ("state", "slots", "event", "live", "finished", "urgent")
 
     def __init__(self, state: KeyState, event: Any) -> None:
         self.state = state
@@ -55,6 +55,7 @@ class Group:
         self.event = event
         self.live = 0  # slots not withdrawn
         self.finished = False
+        self.urgent = False  # flush() asked: close the batch as soon as loaded
 
     def withdraw_one(self) -> None:
         self.live -= 1
@@ -79,6 +80,7 @@ class KeyState:
         "in_ready",
         "batch_no",
         "load_duration",
+        "closing",
     )
 
     def __init__(self, key: Hashable, worker: Worker, start: float) -> None:
@@ -92,6 +94,7 @@ class KeyState:
         self.in_ready = False
         self.batch_no = 0
         self.load_duration = 0.0
+        self.closing: Group | None = None  # the group being applied and saved
 
 
 def _timeout(key: Hashable, what: str, seconds: float | None) -> TimeoutError:
@@ -147,6 +150,7 @@ async def start_batch(worker: Worker, st: KeyState) -> None:
     if (
         proc._stopping
         or close_at <= proc._clock()
+        or group.urgent
         or (max_ops is not None and len(group.slots) >= max_ops)
     ):
         await close_batch(worker, st)
@@ -158,7 +162,7 @@ async def start_batch(worker: Worker, st: KeyState) -> None:
 async def close_batch(worker: Worker, st: KeyState) -> None:
     """Apply the batch's operations in arrival order, save once, deliver."""
     proc = worker.proc
-    group = st.groups.popleft()
+    group = st.closing = st.groups.popleft()
     st.phase = SAVING
     resource = st.resource
     st.resource = None
@@ -237,6 +241,7 @@ def _finish(
                 slot._outcome = failure
     group.finished = True
     group.event.set()
+    st.closing = None
     done = group.live
     proc._pending -= done
     proc._done += done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -57,6 +58,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         "_running_workers",
         "_new_event",
         "_clock",
+        "_thread",
         "_cancel_scope",
         "_room_waiters",
         "_pending",
@@ -96,6 +98,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         self._all_stopped: Any = None
         self._running_workers = 0
         self._new_event, self._clock, self._cancel_scope = backend_primitives()
+        self._thread = threading.get_ident()
         self._room_waiters: deque[Any] = deque()
         self._pending = 0
         self._keys = 0
@@ -200,6 +203,12 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
     ) -> Pending[Any]:
         if self._stopping:
             raise ProcessorStopped("the processor is stopping")
+        if threading.get_ident() != self._thread:
+            raise RuntimeError(
+                "keybatch: a Processor must be used from the thread of the event"
+                " loop that opened it; from another thread, use"
+                " trio.from_thread.run / anyio.from_thread.run"
+            )
         code = getattr(op, "__code__", None)
         if (
             code.co_flags & ASYNC_FLAGS
@@ -279,6 +288,35 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         while n > 0 and waiters:
             waiters.popleft().set()
             n -= 1
+
+    async def flush(self) -> None:
+        """Close every batch now and wait for the operations accepted so far.
+
+        Batches whose window is open close at once; operations queued for a key
+        whose batch is saving, or not loaded yet, get a batch that closes as
+        soon as it is loaded. Returns once every operation accepted before the
+        call has its outcome (saved, or failed: ``flush`` itself raises nothing
+        about them). Operations accepted during the flush keep normal windows.
+
+        Cancellation: stops the wait; the batches closed early stay closed.
+        This is always a checkpoint.
+        """
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("keybatch: flush() called from a foreign thread")
+        events = []
+        for worker in self._workers:
+            for st in worker.keys.values():
+                if st.closing is not None:
+                    events.append(st.closing.event)
+                for group in st.groups:
+                    group.urgent = True
+                    events.append(group.event)
+                if st.phase == OPEN:
+                    worker.schedule(st)
+        await anyio.lowlevel.checkpoint()
+        for event in events:
+            if not event.is_set():
+                await event.wait()
 
     def statistics(self) -> ProcessorStatistics:
         """Return a snapshot of the processor's counters."""
