@@ -64,6 +64,9 @@ class Group:
         proc._withdrawn += 1
         if proc._room_waiters:
             proc._free_room(1)
+        st = self.state
+        if self.live == 0 and st.phase == OPEN and st.groups[0] is self:
+            st.worker.schedule(st)  # nobody left in the open batch: close it now
 
 
 class KeyState:
@@ -199,6 +202,8 @@ async def close_batch(worker: Worker, st: KeyState) -> None:
                 await save(st.key, resource)
             except Exception as exc:
                 save_error = exc
+            except proc._cancelled:
+                raise  # the deadline: caught by the scope just above
             except BaseException as exc:  # KeyboardInterrupt and the like
                 save_error = escaping = exc
         if scope.cancelled_caught and save_error is None:

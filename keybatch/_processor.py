@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
@@ -24,6 +25,9 @@ from ._util import (
     is_async_callable,
 )
 from ._worker import Worker
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["Processor", "open_processor"]
 
@@ -58,6 +62,8 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         "_running_workers",
         "_new_event",
         "_clock",
+        "_aborting",
+        "_cancelled",
         "_thread",
         "_cancel_scope",
         "_room_waiters",
@@ -95,9 +101,11 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         self._nworkers = workers
         self._workers = [Worker(self, i) for i in range(workers)]
         self._stopping = False
+        self._aborting = False
         self._all_stopped: Any = None
         self._running_workers = 0
         self._new_event, self._clock, self._cancel_scope = backend_primitives()
+        self._cancelled = anyio.get_cancelled_exc_class()
         self._thread = threading.get_ident()
         self._room_waiters: deque[Any] = deque()
         self._pending = 0
@@ -542,15 +550,33 @@ async def _open(
         on_batch,
     )
     proc._all_stopped = proc._new_event()
-    async with anyio.create_task_group() as tg:
-        proc._running_workers = workers
-        for worker in proc._workers:
-            tg.start_soon(proc._work, worker, name=f"keybatch worker {worker.index}")
-        try:
-            yield proc
-        except BaseException:
-            # Tear down: the task group cancels the workers; they fail what was
-            # not applied and keep shielded saves going.
-            proc._begin_stop()
+    body_error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            proc._running_workers = workers
+            for worker in proc._workers:
+                tg.start_soon(
+                    proc._work, worker, name=f"keybatch worker {worker.index}"
+                )
+            try:
+                yield proc
+            except BaseException as exc:
+                # Tear down: the task group cancels the workers; they fail what
+                # was not applied and keep shielded saves going.
+                body_error = exc
+                proc._aborting = True
+                proc._begin_stop()
+                raise
+            await proc.aclose()
+    except BaseExceptionGroup as group:
+        # The user's own exception (or cancellation) comes out as it went in,
+        # not wrapped in a group by our internal task group.
+        if body_error is None or list(group.exceptions) != [body_error]:
             raise
-        await proc.aclose()
+        context, suppress = body_error.__context__, body_error.__suppress_context__
+        try:
+            raise body_error
+        finally:
+            body_error.__context__ = context
+            body_error.__suppress_context__ = suppress
+            del body_error, group

@@ -67,6 +67,9 @@ class Worker:
         clock = proc._clock
         try:
             while True:
+                if proc._aborting:  # torn down: start no new batch
+                    self._abort()
+                    return
                 if ready:
                     st = ready.popleft()
                     st.in_ready = False
