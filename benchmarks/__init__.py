@@ -1,0 +1,1 @@
+"""Benchmarks of keybatch; see benchmarks/README.md."""
