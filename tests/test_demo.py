@@ -1,0 +1,233 @@
+"""The demo: both runs on a real SQLite file, the consistency check, progress, CLI.
+
+The runs use a real database reached through a worker thread, so they take real
+time (a few tenths of a second each, tiny sizes); nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from keybatch.demo import (
+    Account,
+    DemoResult,
+    Overdraft,
+    Progress,
+    check,
+    main,
+    parse_args,
+    run_demo,
+)
+
+
+def assert_sound(result: DemoResult) -> None:
+    for run in (result.keybatch, result.naive):
+        assert run.problems == ()
+        assert run.errors == ()
+        assert run.failed == 0
+        assert run.succeeded > 0
+        assert run.succeeded + run.refused == run.operations
+        assert run.transactions > 0
+        assert 0 < run.p50 <= run.p99
+    # The naive way is one transaction per operation, refused ones included.
+    assert result.naive.transactions == result.naive.operations
+    assert result.consistent
+    table = result.table()
+    assert "consistency check" in table
+    assert table.count(" ok") == 2
+    assert "speed-up: " in table
+    assert "INCONSISTENT" not in table
+
+
+@pytest.mark.trio
+async def test_both_runs_are_consistent_on_trio(tmp_path: Path) -> None:
+    out = io.StringIO()
+    db = tmp_path / "demo.db"
+    # Balances start at 0: the first withdrawal on each account is refused.
+    result = await run_demo(
+        20, 3, 0.2, db=str(db), out=out, initial_balance=0, min_duration=0
+    )
+    assert_sound(result)
+    assert result.keybatch.refused > 0
+    assert result.naive.refused > 0
+    assert result.backend == "trio"
+    # The file holds the last run's state, in WAL mode, balances never negative.
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        balances = dict(conn.execute("SELECT id, balance FROM demo_accounts"))
+        ledger = dict(
+            conn.execute("SELECT account, SUM(amount) FROM demo_ledger GROUP BY 1")
+        )
+        rows = conn.execute("SELECT COUNT(*) FROM demo_ledger").fetchone()[0]
+    conn.close()
+    assert len(balances) == 3
+    assert all(b >= 0 for b in balances.values())
+    assert balances == {a: ledger.get(a, 0) for a in balances}
+    assert rows == result.naive.succeeded
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("keybatch: ")
+    assert lines[-1].startswith("1 tx per op: ")
+
+
+@pytest.mark.anyio
+async def test_both_runs_are_consistent_on_asyncio() -> None:
+    result = await run_demo(20, 3, 0.2, out=io.StringIO(), min_duration=0.01)
+    assert_sound(result)
+    assert result.backend == "asyncio"
+    assert "SQLite" in result.database
+
+
+def test_the_check_finds_lost_and_phantom_updates() -> None:
+    sums = {"a": 30, "b": -5}
+    good = check(10, sums, 3, {"a": 40, "b": 5}, {"a": 30, "b": -5}, 3)
+    assert good == []
+    lost = check(10, sums, 3, {"a": 10, "b": 5}, {"a": 30, "b": -5}, 3)
+    assert lost == ["a: balance 10, expected 10 + 30"]
+    ledger = check(10, sums, 3, {"a": 40, "b": 5}, {"a": 31, "b": -5}, 3)
+    assert ledger == ["a: balance 40 disagrees with its ledger"]
+    # A refused operation that left a ledger entry anyway:
+    phantom = check(10, sums, 3, {"a": 40, "b": 5}, {"a": 30, "b": -5}, 4)
+    assert phantom == ["ledger holds 4 entries, 3 succeeded"]
+    negative = check(10, {"a": -20}, 1, {"a": -10}, {"a": -20}, 1)
+    assert negative == ["a: negative balance -10"]
+
+
+def test_an_overdraft_is_refused_by_the_operation() -> None:
+    account = Account("a", 50, 7)
+    assert account.apply(-50) == 0
+    with pytest.raises(Overdraft):
+        account.apply(-1)
+    assert account.apply(5) == 5
+    assert (account.balance, account.version, account.entries) == (5, 7, [-50, 5])
+
+
+def test_progress_falls_back_to_plain_lines_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    progress = Progress(out, "kb", 10.0, start=100.0)
+    assert not progress.tty
+    assert progress.interval == 2.0
+    progress.update(1000, 102.0)
+    progress.update(3000, 104.0)
+    progress.finish(5000, 110.0)
+    assert out.getvalue() == (
+        "kb: 1,000 operations, 500 ops/s, 8.0 s left\n"
+        "kb: 3,000 operations, 1,000 ops/s, 6.0 s left\n"
+        "kb: 5,000 operations in 10.0 s\n"
+    )
+
+
+def test_progress_updates_one_line_in_place_on_a_terminal() -> None:
+    out = io.StringIO()
+    progress = Progress(out, "kb", 10.0, start=0.0, tty=True)
+    assert progress.interval < 1
+    progress.update(12345, 1.0)
+    progress.update(12346, 11.5)  # past the end: no negative time left
+    assert "\n" not in out.getvalue()
+    progress.finish(12346, 11.5)
+    first = "kb: 12,345 operations, 12,345 ops/s, 9.0 s left"
+    second = "kb: 12,346 operations, 0 ops/s, 0.0 s left"
+    last = "kb: 12,346 operations in 11.5 s"
+    assert out.getvalue() == (
+        f"\r{first}\r{second.ljust(len(first))}\r{last.ljust(len(second))}\n"
+    )
+
+
+def test_arguments() -> None:
+    args = parse_args([])
+    assert (args.clients, args.keys, args.seconds) == (1000, 20, 10.0)
+    assert (args.min_duration, args.backend, args.db) == (0.0, "trio", None)
+    args = parse_args(
+        [
+            "--clients",
+            "5",
+            "--keys",
+            "2",
+            "--seconds",
+            "0.5",
+            "--min-duration",
+            "0.01",
+            "--backend",
+            "asyncio",
+            "--db",
+            "x.db",
+        ]
+    )
+    assert (args.clients, args.keys, args.seconds) == (5, 2, 0.5)
+    assert (args.min_duration, args.backend, args.db) == (0.01, "asyncio", "x.db")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--clients", "0"],
+        ["--keys", "-1"],
+        ["--seconds", "-1"],
+        ["--min-duration", "inf"],
+        ["--backend", "curio"],
+        ["--clients", "many"],
+    ],
+)
+def test_bad_arguments_are_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_main_runs_the_demo_and_prints_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "--clients",
+        "10",
+        "--keys",
+        "2",
+        "--seconds",
+        "0.1",
+        "--backend",
+        "asyncio",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out  # captured output is not a terminal
+    assert "keybatch: " in out
+    assert "operations per second" in out
+    assert "10 clients, 2 hot accounts, 0.1 s per run" in out
+    assert "asyncio" in out
+
+
+def test_a_postgres_url_without_psycopg_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg fails
+    assert main(["--db", "postgresql://localhost/none", "--seconds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'keybatch[postgres]'" in err
+
+
+@pytest.mark.trio
+async def test_cancelling_the_demo_stops_it(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    with trio.move_on_after(0.3) as scope:
+        await run_demo(20, 2, 30.0, db=str(db), out=io.StringIO())
+    assert scope.cancelled_caught
+
+
+@pytest.mark.skipif(
+    not os.environ.get("KEYBATCH_PG_DSN"), reason="KEYBATCH_PG_DSN is not set"
+)
+@pytest.mark.trio
+async def test_postgres() -> None:
+    dsn = os.environ["KEYBATCH_PG_DSN"]
+    result = await run_demo(20, 3, 0.3, db=dsn, out=io.StringIO())
+    assert_sound(result)
+    assert "PostgreSQL" in result.database
