@@ -15,11 +15,15 @@ from heapq import heappop
 from typing import TYPE_CHECKING, Any
 
 from ._batch import GONE, NEW, OPEN, KeyState, abort_group, close_batch, start_batch
+from ._util import checkpoint
 
 if TYPE_CHECKING:
     from ._processor import Processor
 
 __all__ = ["Worker"]
+
+# Batches a busy worker runs back to back before it checkpoints.
+_YIELD_EVERY = 64
 
 
 class Worker:
@@ -65,11 +69,18 @@ class Worker:
         ready = self.ready
         timers = self.timers
         clock = proc._clock
+        since_yield = 0
         try:
             while True:
                 if proc._aborting:  # torn down: start no new batch
                     self._abort()
                     return
+                if timers:  # due windows join the ready queue, in FIFO order
+                    now = clock()
+                    while timers and timers[0][0] <= now:
+                        _, _, st, batch_no = heappop(timers)
+                        if st.phase == OPEN and st.batch_no == batch_no:
+                            self.schedule(st)
                 if ready:
                     st = ready.popleft()
                     st.in_ready = False
@@ -77,21 +88,16 @@ class Worker:
                         await start_batch(self, st)
                     elif st.phase == OPEN:
                         await close_batch(self, st)
-                    continue
-                deadline = math.inf
-                while timers:
-                    at, _, st, batch_no = timers[0]
-                    if at > clock():
-                        deadline = at
-                        break
-                    heappop(timers)
-                    if st.phase == OPEN and st.batch_no == batch_no:
-                        self.schedule(st)
-                if ready:
+                    since_yield += 1
+                    if since_yield >= _YIELD_EVERY:
+                        # In-memory loads and saves never yield: let others run.
+                        since_yield = 0
+                        await checkpoint()
                     continue
                 if proc._stopping and not self.keys:
                     return
-                await self._sleep(deadline)
+                since_yield = 0
+                await self._sleep(timers[0][0] if timers else math.inf)
         except BaseException:
             self._abort()
             raise

@@ -86,3 +86,48 @@ async def test_base_exception_from_save_tears_down_and_fails_the_rest(
     assert isinstance(outcomes["other"], keybatch.ProcessorStopped)
     stats = processor.statistics()
     assert (stats.keys, stats.pending_operations, stats.active_batches) == (0, 0, 0)
+
+
+async def test_due_window_closes_while_new_keys_keep_arriving(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Timers are not starved by a ready queue that never empties."""
+
+    async def load(key: str) -> None:
+        await trio.sleep(0.1)
+
+    closed_at: list[float] = []
+    async with keybatch.open_processor(
+        load=load, workers=1, min_duration=1.0, max_duration=100
+    ) as processor:
+        window = processor.submit("window", lambda r: None)
+
+        async def producer() -> None:
+            for i in range(100):  # two new keys per load: the backlog only grows
+                processor.submit(f"new{i}", lambda r: None)
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await window.result()
+            closed_at.append(trio.current_time())
+    # the window became due at 1.0 and waited only for the keys queued before it
+    assert closed_at[0] < 3.0
+
+
+async def test_busy_worker_lets_other_tasks_run(autojump_clock: trio.abc.Clock) -> None:
+    seen: set[int] = set()
+    async with keybatch.open_processor(workers=1, min_duration=0) as processor:
+        await trio.testing.wait_all_tasks_blocked()
+        pendings = [processor.submit(f"k{i}", lambda r: None) for i in range(1000)]
+
+        async def probe() -> None:
+            while processor.statistics().batches_done < 1000:
+                seen.add(processor.statistics().batches_done)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe)
+        for p in pendings:
+            await p.result()
+    assert any(0 < n < 1000 for n in seen), "the worker yielded between batches"
