@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
 import trio
 
-__all__ = ["NoPublicConstructor", "backend_primitives", "is_async_callable"]
+__all__ = [
+    "AsyncioEvent",
+    "NoPublicConstructor",
+    "backend_primitives",
+    "is_async_callable",
+]
 
 ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
@@ -38,22 +45,95 @@ def is_async_callable(obj: object) -> bool:
     return callable(obj) and inspect.iscoroutinefunction(type(obj).__call__)
 
 
+class AsyncioEvent:
+    """An event for many waiters on asyncio: they all park on one shared future.
+
+    asyncio.Event gives every waiter a future of its own and wakes them one by
+    one from Python; a batch's callers can share one future, woken in one go by
+    the loop, as a hand-written batcher does. The catch is that cancelling a task
+    cancels the future it awaits, so one cancelled caller would wake the others
+    with CancelledError. A waiter tells the two apart with ``Task.cancelling()``
+    (Python 3.11+): it is raised if its own task was asked to cancel, and waits
+    again on a fresh future otherwise. A task that already has a cancellation
+    request pending when it starts to wait (so the count cannot tell) waits on
+    a private future instead. ``Processor.run`` inlines the shared-future wait.
+
+    Like asyncio.Event, ``wait`` does not yield when the event is set already.
+    """
+
+    __slots__ = ("_loop", "_flag", "_future", "_private")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._flag = False
+        self._future: asyncio.Future[None] | None = None
+        self._private: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if self._flag:
+            return
+        self._flag = True
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+        if self._private is not None:
+            for future in self._private:
+                if not future.done():
+                    future.set_result(None)
+
+    async def wait(self) -> bool:
+        """Wait until set. Cancellation: raised here; the event is unaffected."""
+        if self._flag:
+            return True
+        task: Any = asyncio.current_task()
+        if task is None or task.cancelling():
+            future = self._loop.create_future()
+            if self._private is None:
+                self._private = [future]
+            else:
+                self._private.append(future)
+            await future
+            return True
+        while not self._flag:
+            future = self.shared_future()
+            try:
+                await future
+            except asyncio.CancelledError:
+                if task.cancelling() or not future.cancelled():
+                    raise  # our own cancellation
+                # Another waiter's cancellation cancelled the shared future.
+        return True
+
+    def shared_future(self) -> asyncio.Future[None]:
+        """The future to park on while the event is not set (made on demand)."""
+        future = self._future
+        if future is None or future.done():  # done and not set: cancelled
+            future = self._future = self._loop.create_future()
+        return future
+
+
 def backend_primitives() -> tuple[
     Callable[[], Any], Callable[[], float], Callable[..., Any]
 ]:
     """Return ``(new_event, current_time, cancel_scope)`` for the running loop.
 
     Under trio these are trio's own (anyio's wrappers cost about 25% more per
-    event cycle, and more per cancel scope); under asyncio, asyncio.Event, the
-    loop's clock and anyio's CancelScope, which cancels an asyncio.Event wait like
-    any other await. Neither event's ``wait`` checkpoints when the event is set
-    already: callers that may find it set checkpoint themselves.
+    event cycle, and more per cancel scope); under asyncio, :class:`AsyncioEvent`
+    (asyncio.Event before Python 3.11), the loop's clock and anyio's CancelScope,
+    which cancels an event wait like any other await. Neither event's ``wait``
+    checkpoints when the event is set already: callers that may find it set
+    checkpoint themselves.
     """
     try:
         trio.lowlevel.current_trio_token()
     except RuntimeError:
         loop = asyncio.get_running_loop()
-        return asyncio.Event, loop.time, anyio.CancelScope
+        if sys.version_info >= (3, 11):
+            return partial(AsyncioEvent, loop), loop.time, anyio.CancelScope
+        return asyncio.Event, loop.time, anyio.CancelScope  # pragma: no cover
     else:
         return trio.Event, trio.current_time, trio.CancelScope
 
