@@ -630,6 +630,12 @@ async def run_demo(
             tmpdir = await anyio.to_thread.run_sync(tempfile.mkdtemp)
             db = os.path.join(tmpdir, "demo.db")
         store = await anyio.to_thread.run_sync(_connect_sqlite, db)
+    out.write(
+        f"{clients:,} clients deposit and withdraw on {keys:,} hot accounts for"
+        f" {seconds:g} s through keybatch, then for {seconds:g} s with one"
+        f" transaction per operation; {store.where}\n"
+    )
+    out.flush()
     try:
         runs = [
             await _run_workload(

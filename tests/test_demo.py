@@ -72,7 +72,8 @@ async def test_both_runs_are_consistent_on_trio(tmp_path: Path) -> None:
     assert balances == {a: ledger.get(a, 0) for a in balances}
     assert rows == result.naive.succeeded
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("keybatch: ")
+    assert lines[0].startswith("20 clients deposit and withdraw on 3 hot accounts")
+    assert lines[1].startswith("keybatch: ")
     assert lines[-1].startswith("1 tx per op: ")
 
 
