@@ -220,6 +220,9 @@ _TORN_DOWN = object()  # held.failed_on[0] of items dropped by a teardown
 
 
 def _route(key: Hashable, workers: int) -> int:
+    # str and bytes keys: keybatch's stable mmh3 routing; other keys: hash().
+    if isinstance(key, (str, bytes)):
+        return keybatch.worker_for_key(key, workers)
     return hash(key) % workers
 
 
@@ -586,18 +589,19 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
         helds: list[tuple[_Held, Hashable, str]] | None = None,
     ) -> None:
         """Mark ids as not written and fail, transitively, the items held on them."""
-        stack = helds or []
+        todo = deque(ids)  # first in, first out: on_error sees them in order
+        stack = deque(helds or ())
         pending = self._pending_ids
         while True:
-            while ids:
-                id, reason = ids.pop()
+            while todo:
+                id, reason = todo.popleft()
                 self._failed_ids[id] = reason
                 for held in pending.pop(id, None) or ():
                     if not held.done:
                         stack.append((held, id, reason))
             if not stack:
                 return
-            held, dependency, reason = stack.pop()
+            held, dependency, reason = stack.popleft()
             if held.done:
                 continue
             self._unhold(held)
@@ -606,7 +610,7 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
             self._failed_items += 1
             self._free_room(1)
             if held.id is not None:
-                ids.append((held.id, f"waited for {dependency!r}, which {reason}"))
+                todo.append((held.id, f"waited for {dependency!r}, which {reason}"))
             if held.event is not None:
                 held.event.set()
             if self._on_error is not None:
@@ -780,8 +784,10 @@ def open_writer(
             started together do not flush together); see
             :attr:`Writer.flush_interval`.
         concurrent_flushes: At most this many sink calls at once. Each key is
-            served by one of that many flush tasks (a hash of the key picks it):
-            a slow or retrying flush delays the other keys of its task.
+            served by one of that many flush tasks, picked by
+            :func:`keybatch.worker_for_key` for str and bytes keys, by
+            ``hash(key)`` for others: a slow or retrying flush delays the other
+            keys of its task.
         max_buffered: Bound on buffered items (default ``10 * batch_size``):
             ``write`` waits for room, ``write_nowait`` raises
             :class:`keybatch.Overloaded`.
