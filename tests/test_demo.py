@@ -10,6 +10,7 @@ import io
 import os
 import sqlite3
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -215,12 +216,25 @@ def test_a_postgres_url_without_psycopg_says_what_to_install(
     assert "pip install 'keybatch[postgres]'" in err
 
 
+def test_a_sqlite_file_that_cannot_be_opened_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "no such directory" / "demo.db"
+    assert main(["--db", str(db), "--seconds", "0"]) == 2
+    assert "cannot open the SQLite database" in capsys.readouterr().err
+
+
 @pytest.mark.trio
-async def test_cancelling_the_demo_stops_it(tmp_path: Path) -> None:
-    db = tmp_path / "demo.db"
+async def test_cancelling_the_demo_stops_it_and_removes_its_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = tmp_path / "made"
+    made.mkdir()
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(made))
     with trio.move_on_after(0.3) as scope:
-        await run_demo(20, 2, 30.0, db=str(db), out=io.StringIO())
+        await run_demo(20, 2, 30.0, out=io.StringIO())
     assert scope.cancelled_caught
+    assert not made.exists()
 
 
 @pytest.mark.skipif(
