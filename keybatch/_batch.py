@@ -32,7 +32,7 @@ from ._records import BatchReport
 if TYPE_CHECKING:
     from ._worker import Worker
 
-__all__ = ["Group", "KeyState", "close_batch", "start_batch"]
+__all__ = ["Group", "KeyState", "close_batch", "should_close", "start_batch"]
 
 logger = logging.getLogger("keybatch")
 
@@ -84,6 +84,7 @@ class KeyState:
         "batch_no",
         "load_duration",
         "closing",
+        "close_at",
     )
 
     def __init__(self, key: Hashable, worker: Worker, start: float) -> None:
@@ -98,6 +99,7 @@ class KeyState:
         self.batch_no = 0
         self.load_duration = 0.0
         self.closing: Group | None = None  # the group being applied and saved
+        self.close_at = math.inf  # when the open window ends
 
 
 def _timeout(key: Hashable, what: str, seconds: float | None) -> TimeoutError:
@@ -148,18 +150,26 @@ async def start_batch(worker: Worker, st: KeyState) -> None:
             _finish(worker, st, group, LOAD_FAILED, failure, 0, None)
             return
         st.resource = resource
-    close_at = st.start + proc._min_duration
-    max_ops = proc._max_ops
-    if (
-        proc._stopping
-        or close_at <= proc._clock()
-        or group.urgent
-        or (max_ops is not None and len(group.slots) >= max_ops)
-    ):
+    st.close_at = close_at = st.start + proc._min_duration
+    if should_close(st):
         await close_batch(worker, st)
     else:
         st.phase = OPEN
         heappush(worker.timers, (close_at, next(worker.seq), st, st.batch_no))
+
+
+def should_close(st: KeyState) -> bool:
+    """Whether the key's loaded batch must close now rather than at close_at."""
+    proc = st.worker.proc
+    group = st.groups[0]
+    max_ops = proc._max_ops
+    return (
+        proc._stopping
+        or group.urgent
+        or group.live == 0
+        or (max_ops is not None and len(group.slots) >= max_ops)
+        or st.close_at <= proc._clock()
+    )
 
 
 async def close_batch(worker: Worker, st: KeyState) -> None:

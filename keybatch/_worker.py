@@ -14,7 +14,16 @@ from collections.abc import Hashable
 from heapq import heappop
 from typing import TYPE_CHECKING, Any
 
-from ._batch import GONE, NEW, OPEN, KeyState, abort_group, close_batch, start_batch
+from ._batch import (
+    GONE,
+    NEW,
+    OPEN,
+    KeyState,
+    abort_group,
+    close_batch,
+    should_close,
+    start_batch,
+)
 from ._util import checkpoint
 
 if TYPE_CHECKING:
@@ -86,7 +95,8 @@ class Worker:
                     st.in_ready = False
                     if st.phase == NEW:
                         await start_batch(self, st)
-                    elif st.phase == OPEN:
+                    elif st.phase == OPEN and should_close(st):
+                        # (not if a newcomer joined a batch all had withdrawn from)
                         await close_batch(self, st)
                     since_yield += 1
                     if since_yield >= _YIELD_EVERY:

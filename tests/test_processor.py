@@ -1115,3 +1115,25 @@ async def test_processor_has_no_public_constructor() -> None:
         keybatch.Processor()
     with pytest.raises(TypeError, match="no public constructor"):
         keybatch.Pending()
+
+
+async def test_newcomer_to_a_batch_everyone_withdrew_from_keeps_the_window(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """All callers withdrew (close now), then one arrived before the worker ran."""
+    later: list[keybatch.Pending[str]] = []
+    async with keybatch.open_processor(min_duration=1.0) as processor:
+
+        async def caller() -> None:
+            try:
+                await processor.run("k", lambda r: "first")
+            except trio.Cancelled:
+                later.append(processor.submit("k", lambda r: "second"))
+                raise
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            await trio.testing.wait_all_tasks_blocked()  # loaded, window open
+            nursery.cancel_scope.cancel()
+        assert await later[0].result() == "second"
+        assert trio.current_time() == pytest.approx(1.0)
