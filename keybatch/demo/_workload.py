@@ -36,7 +36,21 @@ from ._progress import Progress
 
 @dataclass(frozen=True)
 class RunResult:
-    """What one run of the workload did, and its consistency check."""
+    """What one run of the workload did, and its consistency check.
+
+    Attributes:
+        name: ``"keybatch"`` or ``"1 tx per op"``.
+        seconds: Real length of the run, operations in flight at the end included.
+        operations: Operations finished: succeeded + refused + failed.
+        succeeded: Operations applied and saved.
+        refused: Withdrawals refused by the operation (``Overdraft``).
+        failed: Operations that got a database error (not applied, or not saved).
+        transactions: Database transactions made, read-only ones included.
+        p50: Median latency of an operation, in seconds.
+        p99: 99th percentile latency, in seconds.
+        problems: What the consistency check found; empty when consistent.
+        errors: The first few database errors, with their causes.
+    """
 
     name: str
     seconds: float
@@ -200,12 +214,20 @@ async def _run_workload(
     )
 
 
-# --- Both runs, the table, the command line ------------------------------------
+# --- Both runs and the table -------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Both runs of the demo, side by side."""
+    """Both runs of the demo, side by side; ``table()`` renders them.
+
+    Attributes:
+        clients, keys, seconds, min_duration: The parameters of the runs.
+        backend: ``"trio"`` or ``"asyncio"``.
+        database: Which database, and how it was set up.
+        keybatch: The run through keybatch.
+        naive: The run with one transaction per operation.
+    """
 
     clients: int
     keys: int
