@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, final, overload
 
 import anyio
+import mmh3
 
 from ._batch import OPEN, Group, KeyState
 from ._errors import Overloaded, ProcessorStopped
@@ -40,6 +41,8 @@ P = ParamSpec("P")
 # Slots are built without calling Pending's constructor: the hot path.
 _new_slot = object.__new__
 _current_task = asyncio.current_task
+_get_ident = threading.get_ident
+_mmh3_hash = mmh3.hash
 _CancelledError = asyncio.CancelledError
 
 
@@ -178,7 +181,9 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
             task: Any = _current_task()
             if task is not None and not task.cancelling():
                 while not event._flag:
-                    future = event.shared_future()
+                    future = event._future
+                    if future is None or future.done():
+                        future = event.shared_future()
                     try:
                         await future
                     except _CancelledError:
@@ -235,18 +240,17 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
     ) -> Pending[Any]:
         if self._stopping:
             raise ProcessorStopped("the processor is stopping")
-        if threading.get_ident() != self._thread:
+        if _get_ident() != self._thread:
             raise RuntimeError(
                 "keybatch: a Processor must be used from the thread of the event"
                 " loop that opened it; from another thread, use"
                 " trio.from_thread.run / anyio.from_thread.run"
             )
-        code = getattr(op, "__code__", None)
-        if (
-            code.co_flags & ASYNC_FLAGS
-            if code is not None
-            else not callable(op) or is_async_callable(op)
-        ):
+        try:
+            is_async = op.__code__.co_flags & ASYNC_FLAGS
+        except AttributeError:  # not a plain function: a partial, a callable object
+            is_async = not callable(op) or is_async_callable(op)
+        if is_async:
             if not callable(op):
                 raise TypeError(f"op must be callable, got {type(op).__name__}")
             raise TypeError(
@@ -255,7 +259,13 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
             )
         router = self._router
         if router is None:
-            index = _route(key, self._nworkers)
+            if type(key) is str:
+                try:
+                    index = _mmh3_hash(key.encode(), 0, False) % self._nworkers
+                except UnicodeEncodeError:
+                    index = _route(key, self._nworkers)  # raises the ValueError
+            else:
+                index = _route(key, self._nworkers)
         else:
             index = router(key, self._nworkers)
             if type(index) is not int or not 0 <= index < self._nworkers:
@@ -287,12 +297,15 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         slot._state = 0
         slot._outcome = None
         slot._group = group
-        group.slots.append(slot)
+        slots = group.slots
+        slots.append(slot)
         group.live += 1
         self._pending += 1
+        max_ops = self._max_ops
         if (
-            st.phase == OPEN
-            and len(group.slots) == self._max_ops
+            max_ops is not None
+            and len(slots) == max_ops
+            and st.phase == OPEN
             and group is st.groups[0]
         ):
             worker.schedule(st)  # the open batch is full: close it now
