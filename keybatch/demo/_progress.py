@@ -12,7 +12,7 @@ class Progress:
         out: Where to write.
         label: Names the run on each line.
         seconds: Length of the run, for "time left".
-        start: The run's start time (the event loop's clock).
+        start: The run's start time (``time.perf_counter()``).
         tty: Whether ``out`` is a terminal; default ``out.isatty()``.
     """
 
