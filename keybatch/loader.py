@@ -433,4 +433,7 @@ async def _open(
         max_ops=max_batch_size,
     ) as proc:
         loader._proc = proc
+        # Let the worker tasks reach their first wait, so that the loads of
+        # the block's first tick share a window like any later ones.
+        await _checkpoint()
         yield loader

@@ -1,0 +1,601 @@
+"""keybatch.loader: windows, duplicates, errors, cache, cancellation.
+
+On trio in virtual time (exact times), then a subset on asyncio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import keybatch
+from keybatch.loader import BatchLoadError, LoaderStatistics, open_loader
+
+
+class Source:
+    """A batch_load recording each call (time, ids): value of id n is 10 * n;
+    ids in ``missing`` are left out; optional delay and scripted failures."""
+
+    def __init__(
+        self,
+        delay: float = 0.0,
+        missing: Any = (),
+        failures: list[BaseException | None] | None = None,
+    ) -> None:
+        self.delay = delay
+        self.missing = missing
+        self.failures = list(failures or [])
+        self.calls: list[tuple[float, list[Any]]] = []
+        self.active = 0
+        self.max_active = 0
+
+    async def __call__(self, ids: list[Any]) -> Mapping[Any, Any]:
+        self.calls.append((anyio.current_time(), list(ids)))
+        exc = self.failures.pop(0) if self.failures else None
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await anyio.sleep(self.delay)
+        finally:
+            self.active -= 1
+        if exc is not None:
+            raise exc
+        return {i: 10 * i for i in ids if i not in self.missing}
+
+
+async def gather(fn: Any, args: list[Any]) -> list[Any]:
+    """Call ``fn(arg)`` for each arg in its own task, all in the same tick; return
+    the outcomes (value or exception) in order. (The tasks run in no particular
+    order: trio shuffles its run queue.)"""
+    out: list[Any] = [None] * len(args)
+
+    async def one(i: int, arg: Any) -> None:
+        try:
+            out[i] = await fn(arg)
+        except Exception as exc:
+            out[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i, arg in enumerate(args):
+            tg.start_soon(one, i, arg)
+    return out
+
+
+def batches(source: Source) -> list[tuple[float, list[Any]]]:
+    """The calls of a source with each batch's ids sorted, in order of time."""
+    return sorted((t, sorted(ids)) for t, ids in source.calls)
+
+
+# ---------------------------------------------------------------------------
+# Windows and batches
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_loads_of_one_tick_share_one_batch_load(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=0.5)
+    async with open_loader(source) as loader:
+        assert await gather(loader.load, [3, 1, 2]) == [30, 10, 20]
+        assert trio.current_time() == 0.5
+    assert batches(source) == [(0.0, [1, 2, 3])]
+
+
+@pytest.mark.trio
+async def test_duplicate_ids_are_loaded_once(autojump_clock: trio.abc.Clock) -> None:
+    source = Source()
+    async with open_loader(source) as loader:
+        assert await gather(loader.load, [1, 2, 1, 1, 2]) == [10, 20, 10, 10, 20]
+        stats = loader.statistics()
+    assert batches(source) == [(0.0, [1, 2])]
+    assert (stats.loads, stats.batches, stats.ids_loaded) == (5, 1, 2)
+
+
+@pytest.mark.trio
+async def test_max_wait_collects_loads_of_a_window(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source()
+    async with open_loader(source, max_wait=0.1) as loader:
+
+        async def late(id: int) -> int:
+            await trio.sleep(0.05)
+            return await loader.load(id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.load, 1)
+            nursery.start_soon(late, 2)
+        assert trio.current_time() == 0.1
+        await trio.sleep(0.2)
+        assert await loader.load(3) == 30
+        assert trio.current_time() == pytest.approx(0.4)
+    assert source.calls[0] == (0.1, [1, 2])
+    assert source.calls[1][1] == [3]
+
+
+@pytest.mark.trio
+async def test_max_batch_size_splits_and_runs_batches_concurrently(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, max_batch_size=2) as loader:
+        assert await gather(loader.load, list(range(7))) == [10 * i for i in range(7)]
+        assert trio.current_time() == 1.0  # four batch_load calls at once
+    assert sorted(len(ids) for _, ids in source.calls) == [1, 2, 2, 2]
+    assert sorted(i for _, ids in source.calls for i in ids) == list(range(7))
+    assert source.max_active == 4
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize(("concurrency", "end"), [(1, 4.0), (2, 2.0), (4, 1.0)])
+async def test_concurrency_bounds_batch_loads_in_flight(
+    autojump_clock: trio.abc.Clock, concurrency: int, end: float
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, max_batch_size=2, concurrency=concurrency) as loader:
+        assert await gather(loader.load, list(range(8))) == [10 * i for i in range(8)]
+        assert trio.current_time() == end
+    assert source.max_active == concurrency
+    assert sorted(i for _, ids in source.calls for i in ids) == list(range(8))
+
+
+@pytest.mark.trio
+async def test_loads_during_a_batch_load_form_the_next_batch(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, concurrency=2) as loader:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.load, 1)
+            await trio.sleep(0.5)
+            nursery.start_soon(loader.load, 2)
+            await trio.sleep(0.2)
+            nursery.start_soon(loader.load, 3)  # both busy: waits for the first
+        assert trio.current_time() == 2.0
+    assert source.calls == [(0.0, [1]), (0.5, [2]), (1.0, [3])]
+
+
+@pytest.mark.trio
+async def test_one_at_a_time_queues_behind_the_batch_in_flight(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, concurrency=1) as loader:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.load, 1)
+            await trio.sleep(0.5)
+            nursery.start_soon(loader.load, 2)
+            nursery.start_soon(loader.load, 3)
+    assert batches(source) == [(0.0, [1]), (1.0, [2, 3])]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_missing_id_raises_key_error_for_its_callers_only(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(missing={2})
+    async with open_loader(source) as loader:
+        out = await gather(loader.load, [1, 2, 3, 2])
+        assert loader.statistics().missing == 1
+    assert out[0] == 10
+    assert out[2] == 30
+    for exc in (out[1], out[3]):
+        assert type(exc) is KeyError
+        assert exc.args == (2,)
+    assert out[1] is not out[3]
+
+
+@pytest.mark.trio
+async def test_batch_load_failure_reaches_each_caller_as_its_own_exception(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    failure = ConnectionError("db down")
+    source = Source(failures=[failure])
+    async with open_loader(source) as loader:
+        out = await gather(loader.load, [1, 2, 1])
+        assert await loader.load(1) == 10  # failures are not remembered
+        stats = loader.statistics()
+    assert all(isinstance(exc, BatchLoadError) for exc in out)
+    assert len({id(exc) for exc in out}) == 3
+    assert [exc.id for exc in out] == [1, 2, 1]
+    assert all(exc.__cause__ is failure for exc in out)
+    assert (stats.batches, stats.failed_batches) == (2, 1)
+
+
+@pytest.mark.trio
+async def test_batch_load_returning_no_mapping_fails_the_batch(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def as_list(ids: list[int]) -> Any:
+        return [10 * i for i in ids]
+
+    async with open_loader(as_list) as loader:
+        with pytest.raises(BatchLoadError) as info:
+            await loader.load(1)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert "mapping" in str(info.value.__cause__)
+
+
+@pytest.mark.trio
+async def test_unhashable_id_fails_only_its_caller(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source()
+    async with open_loader(source) as loader:
+        out = await gather(loader.load, [1, [2], 3])
+    assert out[0] == 10
+    assert isinstance(out[1], TypeError)
+    assert out[2] == 30
+
+
+# ---------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_cache_answers_repeated_loads(autojump_clock: trio.abc.Clock) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, cache=True) as loader:
+        assert await loader.load(1) == 10
+        assert await loader.load(1) == 10
+        assert trio.current_time() == 1.0  # the hit did not wait
+        assert await loader.load_many([1, 2]) == [10, 20]
+        stats = loader.statistics()
+    assert source.calls == [(0.0, [1]), (1.0, [2])]
+    assert (stats.loads, stats.cache_hits, stats.cached) == (4, 2, 2)
+
+
+@pytest.mark.trio
+async def test_clear_clear_all_and_prime(autojump_clock: trio.abc.Clock) -> None:
+    source = Source()
+    async with open_loader(source, cache=True) as loader:
+        await loader.load_many([1, 2, 3])
+        loader.clear(1)
+        loader.clear(99)  # not cached: nothing happens
+        assert await loader.load_many([1, 2]) == [10, 20]
+        assert source.calls[-1][1] == [1]
+        loader.clear_all()
+        assert loader.statistics().cached == 0
+        loader.prime(2, "primed")
+        loader.prime(2, "not replacing")
+        assert await loader.load(2) == "primed"
+        loader.clear(2)
+        loader.prime(2, "replaced")
+        assert await loader.load(2) == "replaced"
+        assert await loader.load(3) == 30
+    assert [ids for _, ids in source.calls] == [[1, 2, 3], [1], [3]]
+
+
+@pytest.mark.trio
+async def test_failures_and_missing_ids_are_not_cached(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(missing={2}, failures=[OSError("once")])
+    async with open_loader(source, cache=True) as loader:
+        with pytest.raises(BatchLoadError):
+            await loader.load(1)
+        assert await loader.load(1) == 10
+        for _ in range(2):
+            with pytest.raises(KeyError):
+                await loader.load(2)
+    assert [ids for _, ids in source.calls] == [[1], [1], [2], [2]]
+
+
+@pytest.mark.trio
+async def test_clear_during_a_batch_load_keeps_its_values_out_of_the_cache(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, cache=True) as loader:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.load, 1)
+            await trio.sleep(0.5)
+            loader.clear(1)  # the stored value changed while it was being read
+        assert loader.statistics().cached == 0
+        await loader.load(1)
+        assert loader.statistics().cached == 1
+    assert len(source.calls) == 2
+
+
+@pytest.mark.trio
+async def test_cache_methods_are_no_ops_without_a_cache(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source()
+    async with open_loader(source) as loader:
+        loader.prime(1, "primed")
+        loader.clear(1)
+        loader.clear_all()
+        assert await loader.load(1) == 10
+        assert await loader.load(1) == 10
+    assert len(source.calls) == 2
+
+
+# ---------------------------------------------------------------------------
+# load_many
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_load_many_keeps_order_and_shares_the_window(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source()
+    async with open_loader(source) as loader:
+        out = await gather(loader.load_many, [[3, 1], [1, 2]])
+        assert out == [[30, 10], [10, 20]]
+        assert await loader.load_many([]) == []
+        assert await loader.load_many([5, 4, 5]) == [50, 40, 50]
+    assert batches(source) == [(0.0, [1, 2, 3]), (0.0, [4, 5])]
+    assert source.calls[1][1] == [5, 4]  # one load_many: its order
+
+
+@pytest.mark.trio
+async def test_load_many_raises_the_first_failure(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(missing={2, 3})
+    async with open_loader(source) as loader:
+        with pytest.raises(KeyError) as info:
+            await loader.load_many([1, 3, 2])
+        assert info.value.args == (3,)
+
+
+# ---------------------------------------------------------------------------
+# Cancellation
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_cancelled_load_before_its_batch_is_withdrawn(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source()
+    async with open_loader(source, max_wait=1.0) as loader:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.load, 1)
+            with trio.move_on_after(0.5):
+                await loader.load(2)
+        assert await loader.load(3) == 30
+    assert [ids for _, ids in source.calls] == [[1], [3]]
+
+
+@pytest.mark.trio
+async def test_cancelled_load_does_not_cancel_its_batch_for_the_others(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, cache=True) as loader:
+        results: list[int] = []
+
+        async def load(id: int) -> None:
+            results.append(await loader.load(id))
+
+        async def cancelled_load(id: int) -> None:
+            with trio.move_on_after(0.5) as scope:
+                await loader.load(id)  # in the same batch, in flight at 0.5
+            assert scope.cancelled_caught
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load, 1)
+            nursery.start_soon(cancelled_load, 2)
+        assert trio.current_time() == 1.0
+        assert results == [10]
+        assert loader.statistics().cached == 2  # the batch finished and cached 2
+    assert batches(source) == [(0.0, [1, 2])]
+
+
+@pytest.mark.trio
+async def test_cancelled_load_many_leaves_nothing_behind(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, cache=True) as loader:
+        with trio.move_on_after(0.5):
+            await loader.load_many([1, 2])
+        assert loader.statistics().batches_in_flight == 1
+        # The cache holds values, not loads in flight: 1 and 2 load again.
+        assert await loader.load_many([1, 2, 3]) == [10, 20, 30]
+        assert loader.statistics().batches_in_flight == 0
+        assert await loader.load_many([1, 2, 3]) == [10, 20, 30]
+    assert source.calls == [(0.0, [1, 2]), (0.5, [1, 2, 3])]
+
+
+@pytest.mark.trio
+async def test_closing_waits_for_loads_then_refuses(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    results: list[int] = []
+    async with trio.open_nursery() as nursery:
+        async with open_loader(source, max_wait=5.0) as loader:
+
+            async def load(id: int) -> None:
+                results.append(await loader.load(id))
+
+            nursery.start_soon(load, 1)
+            await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == 1.0  # the window closed at once
+    assert results == [10]
+    with pytest.raises(keybatch.ProcessorStopped):
+        await loader.load(2)
+
+
+@pytest.mark.trio
+async def test_teardown_lets_the_batch_in_flight_finish(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    with trio.move_on_after(0.5):
+        async with open_loader(source) as loader, trio.open_nursery() as nursery:
+            nursery.start_soon(loader.load, 1)
+            await trio.sleep_forever()
+    assert trio.current_time() == 1.0  # batch_load is shielded
+    assert loader.statistics().batches_in_flight == 0
+
+
+# ---------------------------------------------------------------------------
+# Bad input, and invariants
+# ---------------------------------------------------------------------------
+
+
+def test_bad_options_are_refused_when_opening() -> None:
+    source = Source()
+
+    def sync_load(ids: list[int]) -> dict[int, int]:
+        return {}
+
+    with pytest.raises(TypeError, match="batch_load must be an async function"):
+        open_loader(sync_load)  # type: ignore[arg-type]
+    for kwargs in (
+        {"max_wait": -1},
+        {"max_wait": math.inf},
+        {"max_batch_size": 0},
+        {"concurrency": 0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            open_loader(source, **kwargs)  # type: ignore[arg-type]
+    for kwargs in (
+        {"max_wait": "0"},
+        {"max_batch_size": 2.0},
+        {"concurrency": True},
+        {"cache": 1},
+    ):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
+            open_loader(source, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="no public constructor"):
+        keybatch.loader.Loader()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests=st.lists(
+        st.tuples(st.integers(0, 15), st.sampled_from([0.0, 0.0, 0.1, 0.7])),
+        max_size=50,
+    ),
+    max_wait=st.sampled_from([0.0, 0.25]),
+    max_batch_size=st.none() | st.integers(1, 5),
+    concurrency=st.integers(1, 3),
+    cache=st.booleans(),
+    delay=st.sampled_from([0.0, 0.5]),
+)
+def test_every_caller_gets_its_own_value(
+    requests: list[tuple[int, float]],
+    max_wait: float,
+    max_batch_size: int | None,
+    concurrency: int,
+    cache: bool,
+    delay: float,
+) -> None:
+    source = Source(delay=delay, missing={13})
+    outcomes: dict[int, Any] = {}
+
+    async def main() -> LoaderStatistics:
+        async with (
+            open_loader(
+                source,
+                max_wait=max_wait,
+                max_batch_size=max_batch_size,
+                concurrency=concurrency,
+                cache=cache,
+            ) as loader,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def one(n: int, id: int) -> None:
+                try:
+                    outcomes[n] = await loader.load(id)
+                except KeyError as exc:
+                    outcomes[n] = exc
+
+            for n, (id, pause) in enumerate(requests):
+                nursery.start_soon(one, n, id)
+                if pause:
+                    await trio.sleep(pause)
+        return loader.statistics()
+
+    stats = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    for n, (id, _) in enumerate(requests):
+        if id == 13:
+            assert isinstance(outcomes[n], KeyError)
+        else:
+            assert outcomes[n] == 10 * id
+    for _, ids in source.calls:
+        assert len(ids) == len(set(ids))
+        if max_batch_size is not None:
+            assert len(ids) <= max_batch_size
+    assert source.max_active <= concurrency
+    assert stats.loads == len(requests)
+    assert stats.batches == len(source.calls)
+    assert stats.batches_in_flight == 0
+
+
+# ---------------------------------------------------------------------------
+# asyncio subset
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_asyncio_batches_dedupes_and_reports_missing() -> None:
+    source = Source(missing={4})
+    async with open_loader(source) as loader:
+        out = await gather(loader.load, [1, 2, 1, 4])
+    assert out[:3] == [10, 20, 10]
+    assert isinstance(out[3], KeyError)
+    assert source.calls[0][1] == [1, 2, 4]
+    assert len(source.calls) == 1
+
+
+@pytest.mark.anyio
+async def test_asyncio_failure_and_cache() -> None:
+    failure = OSError("down")
+    source = Source(failures=[failure])
+    async with open_loader(source, cache=True) as loader:
+        out = await gather(loader.load, [1, 2])
+        assert all(isinstance(exc, BatchLoadError) for exc in out)
+        assert out[0] is not out[1]
+        assert out[0].__cause__ is failure
+        assert await loader.load_many([1, 2]) == [10, 20]
+        assert await loader.load(2) == 20
+    assert len(source.calls) == 2
+
+
+@pytest.mark.anyio
+async def test_asyncio_cancelled_load_does_not_cancel_the_batch() -> None:
+    started = anyio.Event()
+    release = anyio.Event()
+
+    async def slow(ids: list[int]) -> dict[int, int]:
+        started.set()
+        await release.wait()
+        return {i: -i for i in ids}
+
+    results: list[int] = []
+    async with open_loader(slow) as loader:
+        async with anyio.create_task_group() as tg:
+
+            async def keep(id: int) -> None:
+                results.append(await loader.load(id))
+
+            tg.start_soon(keep, 1)
+            async with anyio.create_task_group() as cancelled:
+                cancelled.start_soon(loader.load, 2)
+                await started.wait()
+                cancelled.cancel_scope.cancel()
+            release.set()
+    assert results == [-1]
