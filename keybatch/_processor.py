@@ -40,7 +40,14 @@ P = ParamSpec("P")
 
 # Slots are built without calling Pending's constructor: the hot path.
 _new_slot = object.__new__
-_current_task = asyncio.current_task
+# asyncio.current_task is written in Python before 3.12; its table is not.
+_current_task: Callable[[Any], Any] = getattr(
+    asyncio.tasks, "_current_tasks", {}
+).get
+if sys.version_info >= (3, 12) or not isinstance(
+    getattr(asyncio.tasks, "_current_tasks", None), dict
+):  # pragma: no cover
+    _current_task = asyncio.current_task
 _get_ident = threading.get_ident
 _mmh3_hash = mmh3.hash
 _CancelledError = asyncio.CancelledError
@@ -178,7 +185,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         event = slot._group.event
         if type(event) is AsyncioEvent:
             # asyncio's fast path: AsyncioEvent.wait inlined (see its docstring).
-            task: Any = _current_task()
+            task: Any = _current_task(event._loop)
             if task is not None and not task.cancelling():
                 while not event._flag:
                     future = event._future
@@ -196,6 +203,8 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
                         if slot._state == 0:
                             slot._withdraw()
                         raise
+                if slot._state == 2:  # VALUE: the common case, without a call
+                    return slot._outcome  # type: ignore[no-any-return]
                 return slot._unwrap()
         try:
             await event.wait()
