@@ -12,6 +12,7 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -21,11 +22,13 @@ from keybatch.demo import (
     DemoResult,
     Overdraft,
     Progress,
+    _workload,
     check,
     main,
     parse_args,
     run_demo,
 )
+from keybatch.demo._db import save_tx
 
 
 def assert_sound(result: DemoResult) -> None:
@@ -59,6 +62,8 @@ async def test_both_runs_are_consistent_on_trio(tmp_path: Path) -> None:
     assert result.keybatch.refused > 0
     assert result.naive.refused > 0
     assert result.backend == "trio"
+    # Clients of one account that call while its batch loads share the next batch.
+    assert result.keybatch.transactions < result.keybatch.operations
     # The file holds the last run's state, in WAL mode, balances never negative.
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -84,6 +89,31 @@ async def test_both_runs_are_consistent_on_asyncio() -> None:
     assert_sound(result)
     assert result.backend == "asyncio"
     assert "SQLite" in result.database
+
+
+@pytest.mark.trio
+async def test_failed_saves_are_counted_as_failed_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+
+    def flaky_save(conn: Any, d: Any, key: str, account: Account) -> None:
+        nonlocal calls
+        calls += 1
+        if calls % 3 == 0:
+            raise OSError("disk on fire")
+        save_tx(conn, d, key, account)
+
+    monkeypatch.setattr(_workload, "save_tx", flaky_save)
+    result = await run_demo(20, 3, 0.2, out=io.StringIO())
+    run = result.keybatch
+    assert run.failed > 0
+    assert run.succeeded + run.refused + run.failed == run.operations
+    assert result.consistent  # the failed ones are in no balance and no ledger
+    assert "SaveError: save of key 'acct-000" in run.errors[0]
+    assert "(OSError: disk on fire)" in run.errors[0]
+    assert "keybatch: failed operation: SaveError" in result.table()
+    assert result.naive.failed == 0
 
 
 def test_the_check_finds_lost_and_phantom_updates() -> None:
