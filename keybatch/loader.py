@@ -205,7 +205,10 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
             raise BatchLoadError(
                 id, f"batch_load failed for id {id!r}"
             ) from exc.__cause__
-        return self._value(batch, id)
+        try:
+            return batch.values[id]  # type: ignore[no-any-return]
+        except KeyError:
+            raise KeyError(id) from None
 
     async def load_many(self, ids: Iterable[K]) -> list[V]:
         """Return the values of ``ids``, in order; all go to the same window.

@@ -221,6 +221,8 @@ _TORN_DOWN = object()  # held.failed_on[0] of items dropped by a teardown
 
 def _route(key: Hashable, workers: int) -> int:
     # str and bytes keys: keybatch's stable mmh3 routing; other keys: hash().
+    if key is None:
+        return 0
     if isinstance(key, (str, bytes)):
         return keybatch.worker_for_key(key, workers)
     return hash(key) % workers
