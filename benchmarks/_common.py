@@ -65,6 +65,12 @@ def now() -> float:
     return time.perf_counter()
 
 
+def cpu_now() -> float:
+    """CPU time of this process: what the overhead figures use, because other
+    processes on a shared machine stretch wall time, not CPU time."""
+    return time.process_time()
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values (q in 0..100)."""
     if not sorted_values:
@@ -141,12 +147,19 @@ def print_header(title: str, args: argparse.Namespace) -> None:
     sys.stdout.flush()
 
 
-def write_json(path: str | None, name: str, args: argparse.Namespace, data: Any) -> None:
+def write_json(
+    path: str | None, name: str, args: argparse.Namespace, data: Any
+) -> None:
     if not path:
         return
     with open(path, "w") as f:
         json.dump(
-            {"benchmark": name, "mode": args.mode, "machine": machine(), "results": data},
+            {
+                "benchmark": name,
+                "mode": args.mode,
+                "machine": machine(),
+                "results": data,
+            },
             f,
             indent=1,
         )
