@@ -2,14 +2,14 @@
 
 Three measurements per event loop, in one process:
 
-1. Throughput: 1000 callers await ``run`` on distinct keys until every key was
-   used once (every batch holds one operation: the worst case for per-batch
-   bookkeeping), next to the hand-written floor of bench_overhead on the same
-   keys.
+1. Throughput: 1000 callers (100 with --tiny) await ``run`` on distinct keys
+   until every key was used once (every batch holds one operation: the worst
+   case for per-batch bookkeeping), next to the hand-written floor of
+   bench_overhead on the same keys.
 2. Memory (tracemalloc, Python allocations): ``submit`` N operations without
    letting the workers run, on N distinct keys and then on one key, and divide
    the growth by N: the bytes each pending operation costs. Then the peak
-   while 1000 callers push N distinct keys through ``run``.
+   while the callers push N distinct keys through ``run``.
 3. After each step, once the work is done: memory must be back at the baseline
    taken after opening the processor (the processor keeps no per-key state), up
    to a bound that does not grow with the number of keys (SLACK_BYTES).
@@ -33,7 +33,7 @@ from ._common import parse_args, print_header, print_table, run_on, write_json
 from .bench_overhead import add, measure
 
 KEYS = {"tiny": 2000, "quick": 200_000, "full": 1_000_000}
-CALLERS = 1000
+CALLERS = {"tiny": 100, "quick": 1000, "full": 1000}
 # Memory left over after the work that still counts as "back at the baseline",
 # whatever the number of keys: 64 KiB of allocator and event-loop noise, plus per
 # worker what CPython keeps of a drained deque (up to 16 free 528-byte blocks).
@@ -41,7 +41,7 @@ WORKERS = 32
 SLACK_BYTES = 64 * 1024 + WORKERS * 16 * 528
 
 
-async def memory(nkeys: int) -> dict[str, float]:
+async def memory(nkeys: int, callers: int) -> dict[str, float]:
     """Bytes per pending op, peak of a run, and what is left after each step."""
     keys = [f"key-{i}" for i in range(nkeys)]
     store: dict[str, list[int]] = {}
@@ -77,14 +77,14 @@ async def memory(nkeys: int) -> dict[str, float]:
         out["left_after_one_key_B"] = tracemalloc.get_traced_memory()[0] - base
 
         tracemalloc.reset_peak()
-        per_caller = nkeys // CALLERS
+        per_caller = nkeys // callers
 
         async def caller(i: int) -> None:
             for j in range(per_caller):
-                await proc.run(keys[i + j * CALLERS], add, 1)
+                await proc.run(keys[i + j * callers], add, 1)
 
         async with anyio.create_task_group() as tg:
-            for i in range(CALLERS):
+            for i in range(callers):
                 tg.start_soon(caller, i)
         gc.collect()
         current, peak = tracemalloc.get_traced_memory()
@@ -99,6 +99,7 @@ async def memory(nkeys: int) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(__doc__.splitlines()[0], argv)
     nkeys = KEYS[args.mode]
+    callers = CALLERS[args.mode]
     print_header(f"scale: {nkeys:,} distinct keys", args)
     keys = [f"key-{i}" for i in range(nkeys)]
     results: list[dict[str, Any]] = []
@@ -108,10 +109,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         t: dict[str, float] = {}
         for impl in ("keybatch", "floor"):
             wall, cpu = run_on(
-                backend, measure, impl, backend, CALLERS, keys, 0.0, nkeys // CALLERS
+                backend, measure, impl, backend, callers, keys, 0.0, nkeys // callers
             )
             t[impl], t[f"{impl}_cpu"] = wall, cpu
-        pushed = CALLERS * (nkeys // CALLERS)
+        pushed = callers * (nkeys // callers)
         speed_rows.append(
             [
                 backend,
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 t["keybatch_cpu"] / t["floor_cpu"],
             ]
         )
-        mem = run_on(backend, memory, nkeys)
+        mem = run_on(backend, memory, nkeys, callers)
         back = all(
             mem[k] <= SLACK_BYTES
             for k in (
