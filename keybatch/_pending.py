@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from asyncio import _get_running_loop
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+
+from trio import Event as _TrioEvent
 
 from ._errors import LoadError, ProcessorStopped, SaveError
 from ._util import NoPublicConstructor, checkpoint
@@ -24,6 +27,15 @@ RAISED = 3
 LOAD_FAILED = 4
 SAVE_FAILED = 5
 ABORTED = 6
+
+
+def foreign_loop_error() -> RuntimeError:
+    """The error for a call from another event loop running in the same thread."""
+    return RuntimeError(
+        "keybatch: a Processor must be used from the event loop that opened it,"
+        " not from another event loop in the same thread (asyncio.run() inside"
+        " trio, or trio.run() inside asyncio)"
+    )
 
 
 @final
@@ -86,7 +98,10 @@ class Pending(Generic[T], metaclass=NoPublicConstructor):
         if group.finished:
             await checkpoint()
         else:
-            await group.event.wait()
+            event = group.event
+            if type(event) is _TrioEvent and _get_running_loop() is not None:
+                raise foreign_loop_error()  # waiting would corrupt trio's state
+            await event.wait()
         return self._unwrap()
 
     def _unwrap(self) -> T:

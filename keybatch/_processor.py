@@ -14,10 +14,11 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, final, overloa
 
 import anyio
 import mmh3
+from trio import Event as _TrioEvent
 
 from ._batch import OPEN, Group, KeyState
 from ._errors import Overloaded, ProcessorStopped
-from ._pending import Pending
+from ._pending import Pending, foreign_loop_error
 from ._records import BatchReport, ProcessorStatistics
 from ._routing import _route
 from ._util import (
@@ -48,6 +49,7 @@ if sys.version_info >= (3, 12) or not isinstance(
     getattr(asyncio.tasks, "_current_tasks", None), dict
 ):  # pragma: no cover
     _current_task = asyncio.current_task
+_get_running_loop = asyncio._get_running_loop
 _get_ident = threading.get_ident
 _mmh3_hash = mmh3.hash
 _CancelledError = asyncio.CancelledError
@@ -199,13 +201,23 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
                                 slot._withdraw()
                             raise
                         # else another waiter's cancellation: wait again
-                    except BaseException:
+                    except BaseException as exc:
                         if slot._state == 0:
                             slot._withdraw()
+                        if not future.done() and future._asyncio_future_blocking:
+                            # Awaited by another event loop (trio.run() inside an
+                            # asyncio task): unblock the shared future, or every
+                            # other caller of the batch fails on it.
+                            future._asyncio_future_blocking = False
+                            raise foreign_loop_error() from exc
                         raise
                 if slot._state == 2:  # VALUE: the common case, without a call
                     return slot._outcome  # type: ignore[no-any-return]
                 return slot._unwrap()
+        elif type(event) is _TrioEvent and _get_running_loop() is not None:
+            # asyncio.run() inside a trio task: trio would park the wrong task.
+            slot._withdraw()
+            raise foreign_loop_error()
         try:
             await event.wait()
         except BaseException:
