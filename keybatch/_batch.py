@@ -113,7 +113,9 @@ async def start_batch(worker: Worker, st: KeyState) -> None:
     proc = worker.proc
     groups = st.groups
     while groups[0].live == 0:  # every caller of the group withdrew
-        groups.popleft().finished = True
+        dead = groups.popleft()
+        dead.finished = True
+        dead.event.set()  # flush() may wait on it
         if not groups:
             worker.drop(st)
             return
