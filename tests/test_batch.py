@@ -315,3 +315,23 @@ async def test_random_interleavings_match_one_by_one(
             if op is not checked_append or args[0] >= 0:
                 op(state, *args)
     assert h.store.data == {k: v for k, v in expected.items() if v or k in h.store.data}
+
+
+async def test_flush_returns_when_every_caller_of_a_batch_withdrew(
+    autojump_clock: Any,
+) -> None:
+    # Found by the chaos test: flush() waited forever on the batch of a key
+    # whose callers had all been cancelled before it started.
+    h = Harness()
+    h.store.inject("load", keys="busy", latency=0.15)
+    async with h.open(workers=1) as processor:
+        busy = h.rec.submit(processor, "busy", append, 0)
+        await trio.testing.wait_all_tasks_blocked()  # the worker is in busy's load
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await h.call(processor, 1, "gone", append, 1)  # queued, then withdrawn
+        with trio.fail_after(10), kt.assert_elapsed(0.15):
+            await processor.flush()
+        assert busy.done()
+    assert "gone" not in h.store.data
+    await h.check()
