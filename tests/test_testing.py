@@ -376,6 +376,7 @@ class _BrokenProcessor:
         ({"twice": True}, "applied twice"),
         ({"lose": True}, "never saved"),
     ],
+    ids=["applies-twice", "loses-saves"],
 )
 async def test_checker_catches_a_broken_processor(
     flags: dict[str, bool], expected: str
