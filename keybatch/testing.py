@@ -369,7 +369,7 @@ def _none(key: Hashable) -> None:
 # The history
 
 
-CALL = "call"  # an operation was passed to run/submit; data: (op, args, kwargs)
+CALL = "call"  # an op was passed to run/submit; data: (op, args, kwargs, how)
 APPLY = "apply"  # the operation ran; data: its value, error: what it raised
 OUTCOME = "outcome"  # its caller got: data (value), or error
 LOAD = "load"  # load(key) started
@@ -391,7 +391,10 @@ class Event:
             ``load_failed``, ``save``, ``saved``, ``save_failed``.
         op: The operation's number (its index in call order), for ``call``,
             ``apply`` and ``outcome``; else None.
-        data: ``call``: ``(op, args, kwargs)``; ``apply`` and ``outcome``: the
+        data: ``call``: ``(op, args, kwargs, how)``, ``how`` being ``"run"``,
+            ``"submit"`` or ``"wrap"`` (for which the outcome is never
+            logged, and ``args``/``kwargs`` only once applied); ``apply`` and
+            ``outcome``: the
             value; ``loaded`` and ``save``: a deep copy of the resource.
         error: The exception of ``apply``, ``outcome``, ``load_failed`` and
             ``save_failed``, or None.
@@ -462,7 +465,7 @@ class Recorder(metaclass=_NoPublicConstructor):
         """
         n = self._ops
         self._ops += 1
-        self._log(key, CALL, n, (op, (), {}))
+        self._log(key, CALL, n, (op, (), {}, "wrap"))
         index = len(self.events) - 1
         return self._applier(key, n, op, index)
 
@@ -473,8 +476,8 @@ class Recorder(metaclass=_NoPublicConstructor):
 
         def applied(resource: Any, /, *args: Any, **kwargs: Any) -> Any:
             call = events[index]
-            if call.data[1] == () and (args or kwargs):  # wrap(): args known now
-                events[index] = Event(index, key, CALL, n, (op, args, kwargs))
+            if call.data[3] == "wrap" and (args or kwargs):  # args known now
+                events[index] = Event(index, key, CALL, n, (op, args, kwargs, "wrap"))
             try:
                 value = op(resource, *args, **kwargs)
             except BaseException as exc:
@@ -493,10 +496,11 @@ class Recorder(metaclass=_NoPublicConstructor):
         op: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        how: str,
     ) -> tuple[int, Callable[..., Any]]:
         n = self._ops
         self._ops += 1
-        self._log(key, CALL, n, (op, args, kwargs))
+        self._log(key, CALL, n, (op, args, kwargs, how))
         if _is_async(op):
             return n, op  # let the processor refuse it at the call site
         return n, self._applier(key, n, op, len(self.events) - 1)
@@ -515,7 +519,7 @@ class Recorder(metaclass=_NoPublicConstructor):
         Cancellation: as :meth:`keybatch.Processor.run`; the cancellation is
         logged as the outcome and re-raised.
         """
-        n, wrapped = self._call(key, op, args, kwargs)
+        n, wrapped = self._call(key, op, args, kwargs, "run")
         try:
             value: T = await processor.run(key, wrapped, *args, **kwargs)
         except BaseException as exc:
@@ -539,7 +543,7 @@ class Recorder(metaclass=_NoPublicConstructor):
         raised at the call (``Overloaded``, ``ProcessorStopped``, ...) is logged
         as the outcome and re-raised.
         """
-        n, wrapped = self._call(key, op, args, kwargs)
+        n, wrapped = self._call(key, op, args, kwargs, "submit")
         try:
             pending = processor.submit(key, wrapped, *args, **kwargs)
         except BaseException as exc:
@@ -889,7 +893,7 @@ def _check(
 
     if complete:
         for n, call in calls.items():
-            if n not in outcomes and n not in applies:
+            if n not in outcomes and n not in applies and call.data[3] != "wrap":
                 problems.append(
                     f"op {n} on key {call.key!r}: no outcome and never applied (lost)"
                 )
@@ -914,7 +918,7 @@ def _replay(
 ) -> None:
     state = copy.deepcopy(batch.loaded)
     for n in batch.applied:
-        op, args, kwargs = calls[n].data
+        op, args, kwargs, _ = calls[n].data
         app = applies[n]
         try:
             value = op(state, *args, **kwargs)

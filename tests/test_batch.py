@@ -310,7 +310,7 @@ async def test_random_interleavings_match_one_by_one(
     expected: dict[str, list[int]] = {}
     for event in h.rec.events:
         if event.kind == "call":
-            op, args, _ = event.data
+            op, args, _, _ = event.data
             state = expected.setdefault(event.key, [])
             if op is not checked_append or args[0] >= 0:
                 op(state, *args)

@@ -325,6 +325,21 @@ async def test_wrap_logs_call_order_and_application(autojump_clock: Any) -> None
 
 
 @pytest.mark.trio
+async def test_wrapped_op_withdrawn_by_its_caller_is_not_lost(
+    autojump_clock: Any,
+) -> None:
+    store = kt.memory_store(lambda key: [])
+    rec = kt.recorder()
+    async with open_recorded(store, rec) as processor:
+        with trio.move_on_after(0.05):
+            await processor.run("k", rec.wrap("k", append), 1)
+        await processor.run("k", rec.wrap("k", append), 2)
+    assert store.data == {"k": [2]}
+    assert [e.data[3] for e in rec.events if e.kind == "call"] == ["wrap", "wrap"]
+    rec.check(store.data, complete=True)  # no outcome is logged for wrap()
+
+
+@pytest.mark.trio
 async def test_recorder_logs_call_site_errors_as_outcomes() -> None:
     store = kt.memory_store(lambda key: [])
     rec = kt.recorder()
@@ -425,7 +440,7 @@ def _log(*rows: tuple[Any, ...]) -> list[Event]:
 
 
 def _call(key: str, n: int, x: int = 0) -> tuple[Any, ...]:
-    return (key, "call", n, (append, (x,), {}))
+    return (key, "call", n, (append, (x,), {}, "run"))
 
 
 def _batch(
