@@ -253,6 +253,8 @@ class MemoryStore(Generic[R], metaclass=_NoPublicConstructor):
         Raises:
             ValueError: More than one failure kind, a probability outside
                 [0, 1], a negative latency, or an unknown operation.
+            TypeError: ``error`` is an exception instance (one instance
+                raised many times would be shared by many callers).
         """
         if operation not in ("load", "save", "both"):
             raise ValueError(f"operation must be load, save or both: {operation!r}")
@@ -307,7 +309,9 @@ class MemoryStore(Generic[R], metaclass=_NoPublicConstructor):
                 except BaseException:
                     self.failures += 1
                     raise
-                return
+                if rule._latency:
+                    return  # slept: that was the checkpoint
+                break
         await anyio.lowlevel.checkpoint()
 
     async def load(self, key: Hashable) -> R:

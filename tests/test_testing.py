@@ -81,6 +81,12 @@ async def test_store_load_and_save_are_checkpoints() -> None:
         await store.save("a", 1)
     assert scope.cancelled_caught
     assert store.data == {}  # cancelled before writing
+    counted = store.inject("save", nth=1)  # fires, does nothing: still a checkpoint
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.save("a", 1)
+    assert scope.cancelled_caught
+    assert (counted.fired, store.data) == (1, {})
 
 
 @pytest.mark.trio
