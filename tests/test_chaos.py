@@ -7,7 +7,8 @@ or by cancellation) at random moments. After every step the recorded history
 is checked (``keybatch.testing.Recorder.check``); at the end, with the
 processor stopped, nothing may be lost, applied twice, or left behind.
 
-Set KEYBATCH_CHAOS_EXAMPLES to run more examples than the default 60.
+Set KEYBATCH_CHAOS_EXAMPLES and KEYBATCH_CHAOS_STEPS to run more examples
+(default 60) or longer ones (default at most 40 steps).
 
 The processor lives in a trio run on a background thread, under a
 ``MockClock``: time stands still between steps and moves only in the
@@ -418,7 +419,7 @@ class ChaosMachine(RuleBasedStateMachine):
 
 ChaosMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("KEYBATCH_CHAOS_EXAMPLES", "60")),
-    stateful_step_count=40,
+    stateful_step_count=int(os.environ.get("KEYBATCH_CHAOS_STEPS", "40")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
