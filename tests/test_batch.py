@@ -20,8 +20,6 @@ from hypothesis import strategies as st
 import keybatch
 from keybatch import testing as kt
 
-pytestmark = pytest.mark.trio
-
 
 def append(resource: list[Any], x: Any) -> int:
     resource.append(x)
@@ -85,6 +83,7 @@ class Harness:
         self.rec.check(self.store.data, complete=True)
 
 
+@pytest.mark.trio
 async def test_one_load_ops_in_arrival_order_one_save(autojump_clock: Any) -> None:
     h = Harness()
     async with h.open() as processor, trio.open_nursery() as nursery:
@@ -98,6 +97,7 @@ async def test_one_load_ops_in_arrival_order_one_save(autojump_clock: Any) -> No
     await h.check()
 
 
+@pytest.mark.trio
 async def test_arrivals_after_close_make_the_next_batch_in_order(
     autojump_clock: Any,
 ) -> None:
@@ -114,6 +114,7 @@ async def test_arrivals_after_close_make_the_next_batch_in_order(
     await h.check()
 
 
+@pytest.mark.trio
 async def test_max_ops_splits_batches_exactly(autojump_clock: Any) -> None:
     h = Harness()
     async with h.open(max_ops=3) as processor:
@@ -125,6 +126,7 @@ async def test_max_ops_splits_batches_exactly(autojump_clock: Any) -> None:
     await h.check()
 
 
+@pytest.mark.trio
 async def test_load_failure_fails_the_whole_batch_each_with_its_own_error(
     autojump_clock: Any,
 ) -> None:
@@ -141,6 +143,7 @@ async def test_load_failure_fails_the_whole_batch_each_with_its_own_error(
     await h.check()
 
 
+@pytest.mark.trio
 async def test_save_failure_loses_the_batch_and_the_next_loads_again(
     autojump_clock: Any,
 ) -> None:
@@ -156,6 +159,7 @@ async def test_save_failure_loses_the_batch_and_the_next_loads_again(
     await h.check()
 
 
+@pytest.mark.trio
 async def test_raising_op_fails_only_its_caller(autojump_clock: Any) -> None:
     h = Harness()
     async with h.open() as processor, trio.open_nursery() as nursery:
@@ -173,6 +177,7 @@ async def test_raising_op_fails_only_its_caller(autojump_clock: Any) -> None:
     await h.check()
 
 
+@pytest.mark.trio
 async def test_batch_where_every_op_raised_is_not_saved(autojump_clock: Any) -> None:
     h = Harness()
     async with h.open() as processor:
@@ -182,6 +187,7 @@ async def test_batch_where_every_op_raised_is_not_saved(autojump_clock: Any) -> 
     await h.check()
 
 
+@pytest.mark.trio
 async def test_cancelled_before_applied_is_withdrawn(autojump_clock: Any) -> None:
     h = Harness()
     async with h.open() as processor, trio.open_nursery() as nursery:
@@ -198,6 +204,7 @@ async def test_cancelled_before_applied_is_withdrawn(autojump_clock: Any) -> Non
     await h.check()
 
 
+@pytest.mark.trio
 async def test_cancelled_after_applied_keeps_the_effect(autojump_clock: Any) -> None:
     h = Harness()
     h.store.inject("save", latency=0.05)
@@ -209,6 +216,7 @@ async def test_cancelled_after_applied_keeps_the_effect(autojump_clock: Any) -> 
     await h.check()
 
 
+@pytest.mark.trio
 async def test_stop_closes_open_batches_and_saves_what_was_accepted(
     autojump_clock: Any,
 ) -> None:
@@ -225,6 +233,7 @@ async def test_stop_closes_open_batches_and_saves_what_was_accepted(
     await h.check()
 
 
+@pytest.mark.trio
 async def test_teardown_fails_unapplied_ops_and_finishes_saves(
     autojump_clock: Any,
 ) -> None:
@@ -244,6 +253,7 @@ async def test_teardown_fails_unapplied_ops_and_finishes_saves(
     await h.check()
 
 
+@pytest.mark.trio
 async def test_flush_waits_for_everything_accepted(autojump_clock: Any) -> None:
     h = Harness()
     async with h.open(min_duration=10) as processor:
@@ -255,6 +265,7 @@ async def test_flush_waits_for_everything_accepted(autojump_clock: Any) -> None:
     await h.check()
 
 
+@pytest.mark.trio
 async def test_keys_are_independent_under_faults(autojump_clock: Any) -> None:
     h = Harness(seed=3)
     h.store.inject("both", probability=0.2, error=ConnectionError)
@@ -286,6 +297,7 @@ async def test_keys_are_independent_under_faults(autojump_clock: Any) -> None:
     st.sampled_from([0, 0.01, 0.05]),
     st.sampled_from([None, 2]),
 )
+@pytest.mark.trio
 async def test_random_interleavings_match_one_by_one(
     autojump_clock: Any,
     calls: list[tuple[str, str, int]],
@@ -317,6 +329,7 @@ async def test_random_interleavings_match_one_by_one(
     assert h.store.data == {k: v for k, v in expected.items() if v or k in h.store.data}
 
 
+@pytest.mark.trio
 async def test_flush_returns_when_every_caller_of_a_batch_withdrew(
     autojump_clock: Any,
 ) -> None:
@@ -334,4 +347,25 @@ async def test_flush_returns_when_every_caller_of_a_batch_withdrew(
             await processor.flush()
         assert busy.done()
     assert "gone" not in h.store.data
+    await h.check()
+
+
+@pytest.mark.anyio
+async def test_batches_under_faults_on_asyncio() -> None:
+    import anyio
+
+    h = Harness(seed=5)
+    h.store.inject("both", probability=0.2, error=ConnectionError)
+    async with h.open(min_duration=0.001, workers=2) as processor:
+        async with anyio.create_task_group() as tg:
+            for i in range(60):
+                op = double_last if i % 5 == 0 else checked_append
+                args = () if op is double_last else (i if i % 7 else -i,)
+                tg.start_soon(h.call, processor, i, f"k{i % 4}", op, *args)
+                if i % 10 == 0:
+                    await anyio.sleep(0.001)
+        with anyio.move_on_after(0.0001):  # a cancelled caller, on asyncio
+            await h.rec.run(processor, "k0", append, 99)
+    kinds = {type(v).__name__ for v in h.results.values()}
+    assert {"int", "ValueError"} <= kinds
     await h.check()
