@@ -253,6 +253,7 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
         "_held",
         "_held_seq",
         "_released",
+        "_releasing",
         "_written",
         "_flushes",
         "_failed_flushes",
@@ -292,6 +293,7 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
         self._held: dict[int, _Held] = {}
         self._held_seq = 0
         self._released = 0
+        self._releasing = 0  # released write_sync items not enqueued yet
         self._written = 0
         self._flushes = 0
         self._failed_flushes = 0
@@ -420,6 +422,7 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
         held = self._accept(key, item, id, after, True) if after else None
         if held is None:
             if id is not None:
+                hash(key)  # an unhashable key fails before the id is taken
                 self._register(id)
             self._buffered += 1
         else:
@@ -427,11 +430,15 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
                 await held.event.wait()
             except BaseException:
                 if held.failed_on is None:  # withdraw, released or not
-                    if not held.done:
+                    if held.done:
+                        self._releasing -= 1
+                    else:
                         self._unhold(held)
                     self._withdraw(id, "its write_sync was cancelled")
                 raise
-            if held.failed_on is not None:
+            if held.failed_on is None:
+                self._releasing -= 1
+            else:
                 dependency, reason = held.failed_on
                 if dependency is _TORN_DOWN:
                     raise keybatch.ProcessorStopped(reason)
@@ -467,16 +474,19 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
         Cancellation: stops the wait; the flushes already started go on.
         This is always a checkpoint.
         """
-        mark = self._held_seq
+        mark = self._held_seq  # items held before the call have seq <= mark
         while True:
             released = self._released
             await self._proc.flush()
             if self._released != released:
-                continue
+                continue  # released items were buffered: flush them too
             held = self._held
-            if not held or next(iter(held)) >= mark:
+            if not held or next(iter(held)) > mark:
                 return
-            await _checkpoint()  # a released write_sync caller is about to enqueue
+            if self._releasing:
+                await _checkpoint()  # released write_sync callers enqueue
+            elif not self._proc.statistics().pending_operations:
+                return  # nothing left that could release them
 
     def statistics(self) -> WriterStatistics:
         """Return a snapshot of the writer's counters."""
@@ -562,6 +572,7 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
         self._unhold(held)
         self._released += 1
         if held.event is not None:
+            self._releasing += 1
             held.event.set()  # the write_sync caller enqueues it
             return
         try:
@@ -729,10 +740,14 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
         # (held items are released by the flushes of what they wait for).
         self._closing = True
         self._free_room(len(self._room_waiters))
+        proc = self._proc
         while self._buffered > 0:
-            await self._proc.flush()
-            if self._buffered > 0:
+            if proc.statistics().pending_operations:
+                await proc.flush()
+            elif self._releasing:
                 await _checkpoint()  # released write_sync callers enqueue
+            else:
+                break  # nothing could make progress: the rest is dropped
 
     def _torn_down(self) -> None:
         # The processor is gone: whatever is still buffered will never be written.

@@ -63,6 +63,17 @@ class Sink:
         return [item for _, _, items in self.calls for item in items]
 
 
+def run_virtual(fn: Any) -> Any:
+    """trio.run(fn) in virtual time; a run stuck for good fails fast instead of
+    hanging (the clock jumps to the deadline)."""
+
+    async def guarded() -> Any:
+        with trio.fail_after(100_000):
+            return await fn()
+
+    return trio.run(guarded, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 class Errors:
     """An on_error hook that records its calls."""
 
@@ -509,7 +520,7 @@ def test_default_max_buffered_is_ten_batches() -> None:
             with pytest.raises(keybatch.Overloaded, match="max_buffered=20"):
                 writer.write_nowait(20)
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_virtual(main)
 
 
 @pytest.mark.trio
@@ -820,7 +831,7 @@ def test_every_item_is_written_once_in_order_per_key(
         assert stats.buffered == 0
         assert stats.retries == len(sink.calls) - stats.flushes
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_virtual(main)
     successful: dict[str, list[Any]] = {}
     failing = list(transient)
     for _, key, items in sink.calls:
@@ -911,3 +922,112 @@ async def test_asyncio_backpressure_and_dependencies() -> None:
     written = sink.written()
     assert written.index("obj") < written.index("ref")
     assert sorted(sink.written()) == ["obj", "ref", "waits"]
+
+
+class RecordingSink:
+    """Records each call's start and end; fails the calls the script says."""
+
+    def __init__(self, script: list[bool], delay: float) -> None:
+        self.script = list(script)
+        self.delay = delay
+        self.calls: list[tuple[float, float, Any, list[Any], bool]] = []
+
+    async def __call__(self, key: Any, items: list[Any]) -> None:
+        fail = self.script.pop(0) if self.script else False
+        start = trio.current_time()
+        await trio.sleep(self.delay)
+        self.calls.append((start, trio.current_time(), key, list(items), not fail))
+        if fail:
+            raise ValueError("rejected")
+
+
+def depends_on(n: int, back: list[int]) -> list[int]:
+    return sorted({n - b for b in back if n - b >= 0})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    items=st.lists(
+        st.tuples(
+            st.sampled_from("ab"),
+            st.lists(st.integers(1, 4), max_size=3),  # how many items back
+            st.booleans(),
+            st.sampled_from([0.0, 0.0, 0.4, 1.3]),
+        ),
+        max_size=30,
+    ),
+    script=st.lists(st.booleans(), max_size=12),
+    delay=st.sampled_from([0.0, 0.3]),
+    batch_size=st.integers(1, 4),
+)
+def test_dependencies_hold_and_fail_items_as_promised(
+    items: list[tuple[str, list[int], bool, float]],
+    script: list[bool],
+    delay: float,
+    batch_size: int,
+) -> None:
+    sink = RecordingSink(script, delay)
+    errors = Errors()
+    sync_failures: dict[int, BaseException] = {}
+
+    async def main() -> None:
+        async with (
+            open_writer(sink, batch_size=batch_size, on_error=errors) as writer,
+            trio.open_nursery() as nursery,
+        ):
+            for n, (key, back, sync, pause) in enumerate(items):
+                deps = depends_on(n, back)
+                if sync:
+
+                    async def write_sync(n: int, key: str, deps: list[int]) -> None:
+                        try:
+                            await writer.write_sync(n, key=key, id=n, after=deps)
+                        except WriteError as exc:
+                            sync_failures[n] = exc
+
+                    nursery.start_soon(write_sync, n, key, deps)
+                    await trio.testing.wait_all_tasks_blocked()
+                else:
+                    await writer.write(n, key=key, id=n, after=deps)
+                if pause:
+                    await trio.sleep(pause)
+        stats = writer.statistics()
+        assert (stats.buffered, stats.held, stats.dropped_items) == (0, 0, 0)
+        assert stats.items_written + stats.failed_items == len(items)
+
+    run_virtual(main)
+    written: dict[int, tuple[int, float]] = {}  # item -> its flush, when it began
+    ended: dict[int, float] = {}  # item -> when its successful flush ended
+    for i, (start, end, _, call_items, ok) in enumerate(sink.calls):
+        assert len(call_items) <= batch_size
+        if ok:
+            for n in call_items:
+                assert n not in written  # written once
+                written[n] = (i, start)
+                ended[n] = end
+    failed = {n for _, call_items, _ in errors.calls for n in call_items}
+    assert not failed & set(written)
+    assert failed | set(written) == set(range(len(items)))
+    sink_failed = {
+        m
+        for _, its, exc in errors.calls
+        if not isinstance(exc, DependencyFailed)
+        for m in its
+    }
+    for n, (_, back, sync, _) in enumerate(items):
+        deps = depends_on(n, back)
+        if n in written:
+            # written only after every item it names was written
+            for d in deps:
+                assert d in written
+                assert written[d][0] != written[n][0]
+                assert ended[d] <= written[n][1]
+        else:
+            assert n in sink_failed or any(d in failed for d in deps)
+        if sync:
+            assert (n in sync_failures) == (n in failed)
+    for _, call_items, exc in errors.calls:
+        if isinstance(exc, DependencyFailed):
+            (n,) = call_items
+            assert exc.dependency in depends_on(n, items[n][1])
+            assert exc.dependency in failed
