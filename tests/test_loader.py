@@ -610,3 +610,62 @@ async def test_asyncio_cancelled_load_does_not_cancel_the_batch() -> None:
                 cancelled.cancel_scope.cancel()
             release.set()
     assert results == [-1]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.integers(0, 8),
+            st.sampled_from([0.0, 0.1, 0.3, 0.6]),  # when it starts
+            st.none() | st.sampled_from([0.0, 0.05, 0.2, 0.25, 0.5, 1.0]),
+        ),
+        max_size=25,
+    ),
+    max_wait=st.sampled_from([0.0, 0.2]),
+    max_batch_size=st.none() | st.integers(1, 3),
+    cache=st.booleans(),
+    delay=st.sampled_from([0.0, 0.25]),
+)
+def test_cancelled_load_at_any_point_leaves_nothing_stuck(
+    calls: list[tuple[int, float, float | None]],
+    max_wait: float,
+    max_batch_size: int | None,
+    cache: bool,
+    delay: float,
+) -> None:
+    source = Source(delay=delay, missing={8})
+    got: dict[int, Any] = {}
+
+    async def main() -> None:
+        async with open_loader(
+            source, max_wait=max_wait, max_batch_size=max_batch_size, cache=cache
+        ) as loader:
+            async with trio.open_nursery() as nursery:
+                for n, (id, start, cancel_after) in enumerate(calls):
+
+                    async def one(n: int, id: int, start: float, cancel: Any) -> None:
+                        await trio.sleep(start)
+                        with trio.move_on_after(math.inf if cancel is None else cancel):
+                            try:
+                                got[n] = await loader.load(id)
+                            except KeyError as exc:
+                                got[n] = exc
+
+                    nursery.start_soon(one, n, id, start, cancel_after)
+            assert await loader.load(3) == 30  # still works
+        # A batch whose callers were all cancelled still finished.
+        assert loader.statistics().batches_in_flight == 0
+
+    run_virtual(main)
+    for n, value in got.items():
+        id = calls[n][0]
+        if id == 8:
+            assert isinstance(value, KeyError)
+        else:
+            assert value == 10 * id
+    for n, (_, _, cancel_after) in enumerate(calls):
+        if cancel_after is None:
+            assert n in got
+    for _, ids in source.calls:
+        assert len(ids) == len(set(ids))

@@ -1031,3 +1031,51 @@ def test_dependencies_hold_and_fail_items_as_promised(
             (n,) = call_items
             assert exc.dependency in depends_on(n, items[n][1])
             assert exc.dependency in failed
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.sampled_from("ab"),
+            st.sampled_from([0.0, 0.2, 0.9, 1.0, 1.1]),  # when it starts
+            st.none() | st.sampled_from([0.0, 0.1, 0.5, 1.0, 1.05, 1.3, 2.5]),
+        ),
+        max_size=25,
+    ),
+    batch_size=st.integers(1, 5),
+    delay=st.sampled_from([0.0, 0.1, 0.3]),
+)
+def test_cancelled_write_sync_at_any_point_leaves_nothing_stuck(
+    calls: list[tuple[str, float, float | None]], batch_size: int, delay: float
+) -> None:
+    sink = Sink(delay=delay)
+    returned: set[int] = set()
+    cancelled: set[int] = set()
+
+    async def main() -> None:
+        async with open_writer(sink, batch_size=batch_size) as writer:
+            async with trio.open_nursery() as nursery:
+                for n, (key, start, cancel_after) in enumerate(calls):
+
+                    async def one(n: int, key: str, start: float, cancel: Any) -> None:
+                        await trio.sleep(start)
+                        with trio.move_on_after(math.inf if cancel is None else cancel):
+                            await writer.write_sync(n, key=key, id=n)
+                            returned.add(n)
+                            return
+                        cancelled.add(n)
+
+                    nursery.start_soon(one, n, key, start, cancel_after)
+            await writer.flush()  # a cancelled caller's item may be in a flush
+            stats = writer.statistics()
+            assert (stats.buffered, stats.held) == (0, 0)
+            await writer.write_sync("after", key="a")  # still works
+        assert writer.statistics().buffered == 0
+
+    run_virtual(main)
+    written = sink.written()
+    assert len(written) == len(set(written))  # nothing written twice
+    assert returned <= set(written)
+    assert returned | cancelled == set(range(len(calls)))
+    assert "after" in written
