@@ -78,6 +78,8 @@ class LoaderStatistics:
     Attributes:
         loads: ids asked for (by ``load``, and one per id of ``load_many``).
         cache_hits: Of those, ids answered from the cache.
+        shared_loads: Of those, ids answered by a ``batch_load`` call that was
+            already running for them (with the cache on).
         batches: ``batch_load`` calls made, failed ones included.
         ids_loaded: ids passed to ``batch_load`` (after removing duplicates).
         failed_batches: ``batch_load`` calls that raised or returned no mapping.
@@ -88,6 +90,7 @@ class LoaderStatistics:
 
     loads: int
     cache_hits: int
+    shared_loads: int
     batches: int
     ids_loaded: int
     failed_batches: int
@@ -99,12 +102,14 @@ class LoaderStatistics:
 class _Batch:
     """The resource of one processor batch: the ids asked for, then the values."""
 
-    __slots__ = ("ids", "values", "generation")
+    __slots__ = ("ids", "values", "generation", "error", "event")
 
     def __init__(self, generation: int) -> None:
         self.ids: dict[Any, None] = {}  # ordered, without duplicates
         self.values: Mapping[Any, Any] = {}
         self.generation = generation  # of the cache when the batch began
+        self.error: BaseException | None = None  # what batch_load raised
+        self.event: Any = None  # set when batch_load is done, if anyone waits
 
 
 def _register(batch: _Batch, id: Any) -> _Batch:
@@ -130,9 +135,11 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         "_count",
         "_busy",
         "_cache",
+        "_inflight",
         "_generation",
         "_loads",
         "_hits",
+        "_shared",
         "_batches",
         "_ids_loaded",
         "_failed",
@@ -155,9 +162,12 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         self._count = 0  # loads sent to it since it became the current key
         self._busy = [False] * concurrency  # is the key's batch_load running?
         self._cache: dict[K, V] | None = {} if cache else None
+        # with the cache: ids whose batch_load runs now -> their batch
+        self._inflight: dict[K, _Batch] = {}
         self._generation = 0
         self._loads = 0
         self._hits = 0
+        self._shared = 0
         self._batches = 0
         self._ids_loaded = 0
         self._failed = 0
@@ -194,6 +204,10 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
                 self._hits += 1
                 await _checkpoint()
                 return value  # type: ignore[no-any-return]
+            shared = self._inflight.get(id)
+            if shared is not None:
+                self._shared += 1
+                return await self._share(shared, id)
         key = self._key
         if self._max_batch is not None:
             self._count += 1
@@ -224,7 +238,7 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         ids = list(ids)
         values: list[Any] = [None] * len(ids)
         cache = self._cache
-        waiting: list[tuple[int, K, keybatch.Pending[_Batch]]] = []
+        waiting: list[tuple[int, K, keybatch.Pending[_Batch] | _Batch]] = []
         self._loads += len(ids)
         for i, id in enumerate(ids):
             if cache is not None:
@@ -232,6 +246,11 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
                 if value is not _MISSING:
                     self._hits += 1
                     values[i] = value
+                    continue
+                shared = self._inflight.get(id)
+                if shared is not None:
+                    self._shared += 1
+                    waiting.append((i, id, shared))
                     continue
             key = self._key
             if self._max_batch is not None:
@@ -242,6 +261,9 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         if not waiting:
             await _checkpoint()
         for i, id, pending in waiting:
+            if isinstance(pending, _Batch):
+                values[i] = await self._share(pending, id)
+                continue
             try:
                 batch = await pending.result()
             except keybatch.SaveError as exc:
@@ -258,6 +280,7 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         """
         if self._cache is not None:
             self._cache.pop(id, None)
+            self._inflight.pop(id, None)
             self._generation += 1
 
     def clear_all(self) -> None:
@@ -267,6 +290,7 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         """
         if self._cache is not None:
             self._cache.clear()
+            self._inflight.clear()
             self._generation += 1
 
     def prime(self, id: K, value: V) -> None:
@@ -281,6 +305,7 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         return LoaderStatistics(
             loads=self._loads,
             cache_hits=self._hits,
+            shared_loads=self._shared,
             batches=self._batches,
             ids_loaded=self._ids_loaded,
             failed_batches=self._failed,
@@ -290,6 +315,18 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         )
 
     # ------------------------------------------------------------- internals
+
+    async def _share(self, batch: _Batch, id: K) -> V:
+        # Wait for a batch_load in flight that holds ``id`` (cache on).
+        event = batch.event
+        if event is None:
+            event = batch.event = anyio.Event()
+        await event.wait()
+        if batch.error is not None:
+            raise BatchLoadError(
+                id, f"batch_load failed for id {id!r}"
+            ) from batch.error
+        return self._value(batch, id)
 
     def _value(self, batch: _Batch, id: K) -> V:
         try:
@@ -327,6 +364,10 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         ids = list(batch.ids)
         self._batches += 1
         self._ids_loaded += len(ids)
+        inflight = self._inflight if self._cache is not None else None
+        if inflight is not None:
+            for id in ids:
+                inflight[id] = batch
         try:
             values = await self._batch_load(ids)
             if not isinstance(values, Mapping):
@@ -334,13 +375,20 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
                     "batch_load must return a mapping from id to value, got"
                     f" {type(values).__name__}"
                 )
-        except BaseException:
+            batch.values = values
+        except BaseException as exc:
             self._failed += 1
+            batch.error = exc
             raise
         finally:
             self._busy[key] = False
             self._in_flight -= 1
-        batch.values = values
+            if inflight is not None:
+                for id in ids:
+                    if inflight.get(id) is batch:
+                        del inflight[id]
+            if batch.event is not None:
+                batch.event.set()
         missing = 0
         cache = self._cache
         if cache is not None and batch.generation == self._generation:

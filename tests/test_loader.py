@@ -416,15 +416,71 @@ async def test_cancelled_load_many_leaves_nothing_behind(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     source = Source(delay=1.0)
-    async with open_loader(source, cache=True) as loader:
+    async with open_loader(source) as loader:
         with trio.move_on_after(0.5):
             await loader.load_many([1, 2])
         assert loader.statistics().batches_in_flight == 1
-        # The cache holds values, not loads in flight: 1 and 2 load again.
-        assert await loader.load_many([1, 2, 3]) == [10, 20, 30]
+        assert await loader.load_many([1, 2, 3]) == [10, 20, 30]  # no cache
         assert loader.statistics().batches_in_flight == 0
-        assert await loader.load_many([1, 2, 3]) == [10, 20, 30]
     assert source.calls == [(0.0, [1, 2]), (0.5, [1, 2, 3])]
+
+
+@pytest.mark.trio
+async def test_with_the_cache_loads_share_a_batch_load_in_flight(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, cache=True) as loader:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.load, 1)
+            await trio.sleep(0.5)
+            assert await loader.load_many([1, 2]) == [10, 20]  # 1 shared
+            assert trio.current_time() == 1.5
+            assert await loader.load(1) == 10  # cached now
+        stats = loader.statistics()
+    assert source.calls == [(0.0, [1]), (0.5, [2])]
+    assert (stats.loads, stats.shared_loads, stats.cache_hits) == (4, 1, 1)
+
+
+@pytest.mark.trio
+async def test_shared_failure_reaches_each_caller_as_its_own_exception(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    failure = OSError("down")
+    source = Source(delay=1.0, failures=[failure])
+    async with open_loader(source, cache=True) as loader:
+        out: list[Any] = []
+
+        async def one() -> None:
+            try:
+                await loader.load(1)
+            except BatchLoadError as exc:
+                out.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            await trio.sleep(0.5)
+            nursery.start_soon(one)  # shares the call in flight
+            nursery.start_soon(one)
+        assert await loader.load(1) == 10  # the failure was not cached
+    assert len(out) == 3
+    assert len({id(exc) for exc in out}) == 3
+    assert all(exc.__cause__ is failure for exc in out)
+    assert len(source.calls) == 2
+
+
+@pytest.mark.trio
+async def test_clear_makes_the_next_load_skip_the_call_in_flight(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = Source(delay=1.0)
+    async with open_loader(source, cache=True) as loader:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.load, 1)
+            await trio.sleep(0.5)
+            loader.clear(1)  # the row changed: do not share the stale read
+            assert await loader.load(1) == 10
+    assert source.calls == [(0.0, [1]), (0.5, [1])]
 
 
 @pytest.mark.trio
