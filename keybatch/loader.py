@@ -181,6 +181,9 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
     async def load(self, id: K) -> V:
         """Return the value of ``id``, loaded with the other ids of its window.
 
+        With the cache on, a cached value is returned at once, and an ``id``
+        whose ``batch_load`` call is running already waits for that call.
+
         Returns:
             What the ``batch_load`` call's mapping holds for ``id``, or the
             cached value.
@@ -194,7 +197,8 @@ class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
         Cancellation: before its batch closed, the id is withdrawn (it is not
         loaded for this caller). Once the batch's ``batch_load`` runs, the call
         goes on for the other callers and fills the cache; only this caller's
-        value is lost. This is always a checkpoint.
+        value is lost. A load waiting for a call it shares just stops waiting.
+        This is always a checkpoint.
         """
         self._loads += 1
         cache = self._cache
