@@ -118,9 +118,9 @@ async def test_max_wait_collects_loads_of_a_window(
     source = Source()
     async with open_loader(source, max_wait=0.1) as loader:
 
-        async def late(id: int) -> int:
+        async def late(id: int) -> None:
             await trio.sleep(0.05)
-            return await loader.load(id)
+            await loader.load(id)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loader.load, 1)
@@ -529,6 +529,7 @@ def test_bad_options_are_refused_when_opening() -> None:
 
     with pytest.raises(TypeError, match="batch_load must be an async function"):
         open_loader(sync_load)  # type: ignore[arg-type]
+    kwargs: dict[str, Any]
     for kwargs in (
         {"max_wait": -1},
         {"max_wait": math.inf},
@@ -536,7 +537,7 @@ def test_bad_options_are_refused_when_opening() -> None:
         {"concurrency": 0},
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
-            open_loader(source, **kwargs)  # type: ignore[arg-type]
+            open_loader(source, **kwargs)
     for kwargs in (
         {"max_wait": "0"},
         {"max_batch_size": 2.0},
@@ -544,9 +545,9 @@ def test_bad_options_are_refused_when_opening() -> None:
         {"cache": 1},
     ):
         with pytest.raises(TypeError, match=next(iter(kwargs))):
-            open_loader(source, **kwargs)  # type: ignore[arg-type]
+            open_loader(source, **kwargs)
     with pytest.raises(TypeError, match="no public constructor"):
-        keybatch.loader.Loader()
+        keybatch.loader.Loader()  # type: ignore[call-arg]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -239,7 +239,7 @@ async def test_write_sync_callers_get_their_own_error(
     failure = ValueError("rejected")
     sink = Sink(failures=[failure])
     errors = Errors()
-    caught: list[BaseException] = []
+    caught: list[WriteError] = []
     async with open_writer(sink, on_error=errors) as writer:
 
         async def one(item: int) -> None:
@@ -600,7 +600,7 @@ async def test_failed_dependency_fails_its_dependents(
 ) -> None:
     sink = Sink(fail_keys={"objects"})
     errors = Errors()
-    caught: list[BaseException] = []
+    caught: list[DependencyFailed] = []
     async with open_writer(sink, on_error=errors) as writer:
         await writer.write("obj", key="objects", id="o1")
         await writer.write("ref", key="refs", id="r1", after=["o1"])
@@ -638,7 +638,7 @@ async def test_failed_dependency_fails_its_dependents(
     assert errors.calls[5][2].dependency == "r1"  # type: ignore[attr-defined]
     assert len(caught) == 2
     assert caught[0] is not caught[1]
-    assert all(exc.dependency == "o1" for exc in caught)  # type: ignore[attr-defined]
+    assert all(exc.dependency == "o1" for exc in caught)
     stats = writer.statistics()
     assert (stats.failed_items, stats.buffered, stats.held) == (6, 0, 0)
 
@@ -668,7 +668,7 @@ async def test_bad_ids_are_refused(autojump_clock: trio.abc.Clock) -> None:
         with pytest.raises(ValueError, match="after itself"):
             writer.write_nowait(3, id="b", after=["b"])
         with pytest.raises(TypeError):
-            await writer.write(4, key=[], after=["a"])
+            await writer.write(4, key=[], after=["a"])  # type: ignore[arg-type]
         assert writer.statistics().buffered == 1
 
 
@@ -759,6 +759,7 @@ def test_bad_options_are_refused_when_opening() -> None:
 
     with pytest.raises(TypeError, match="sink must be an async function"):
         open_writer(sync_sink)  # type: ignore[arg-type]
+    kwargs: dict[str, Any]
     for kwargs in (
         {"batch_size": 0},
         {"batch_size": -5},
@@ -771,7 +772,7 @@ def test_bad_options_are_refused_when_opening() -> None:
         {"jitter": -0.1},
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
-            open_writer(sink, **kwargs)  # type: ignore[arg-type]
+            open_writer(sink, **kwargs)
     for kwargs in (
         {"batch_size": 2.5},
         {"batch_size": True},
@@ -781,12 +782,12 @@ def test_bad_options_are_refused_when_opening() -> None:
         {"retry_on": async_hook},
     ):
         with pytest.raises(TypeError, match=next(iter(kwargs))):
-            open_writer(sink, **kwargs)  # type: ignore[arg-type]
+            open_writer(sink, **kwargs)
 
 
 def test_writer_has_no_public_constructor() -> None:
     with pytest.raises(TypeError, match="no public constructor"):
-        keybatch.writer.Writer()
+        keybatch.writer.Writer()  # type: ignore[call-arg]
 
 
 # ---------------------------------------------------------------------------
