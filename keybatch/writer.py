@@ -623,7 +623,10 @@ class Writer(Generic[T], metaclass=_NoPublicConstructor):
             self._failed_items += 1
             self._free_room(1)
             if held.id is not None:
-                todo.append((held.id, f"waited for {dependency!r}, which {reason}"))
+                # Not nested further: a long chain keeps short messages.
+                todo.append(
+                    (held.id, f"was not written (it waited for {dependency!r})")
+                )
             if held.event is not None:
                 held.event.set()
             if self._on_error is not None:

@@ -635,6 +635,10 @@ async def test_failed_dependency_fails_its_dependents(
     ref2_error = errors.calls[4][2]
     assert isinstance(ref2_error, DependencyFailed)
     assert ref2_error.dependency == "r1"
+    assert str(ref2_error) == (
+        "the item was not written: it waited for 'r1', which was not written"
+        " (it waited for 'o1')"
+    )
     assert errors.calls[5][2].dependency == "r1"  # type: ignore[attr-defined]
     assert len(caught) == 2
     assert caught[0] is not caught[1]
