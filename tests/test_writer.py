@@ -751,6 +751,34 @@ async def test_teardown_finishes_flushes_in_progress_and_drops_the_rest(
     assert (stats.items_written, stats.dropped_items, stats.buffered) == (2, 2, 0)
 
 
+@pytest.mark.trio
+async def test_teardown_fails_held_write_sync_with_processor_stopped(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    sink = Sink(delay=1.0)
+    outcomes: list[BaseException] = []
+
+    async def held_caller(writer: Any) -> None:
+        try:
+            await writer.write_sync("ref", key="refs", after=["o1"])
+        except keybatch.ProcessorStopped as exc:
+            outcomes.append(exc)
+
+    async with trio.open_nursery() as outer:
+        with pytest.raises(RuntimeError, match="boom"):
+            async with open_writer(sink, flush_interval=10) as writer:
+                await writer.write("obj", key="objects", id="o1")
+                outer.start_soon(held_caller, writer)
+                await trio.testing.wait_all_tasks_blocked()
+                assert writer.statistics().held == 1
+                raise RuntimeError("boom")
+    assert len(outcomes) == 1
+    assert "torn down" in str(outcomes[0])
+    assert sink.calls == []
+    stats = writer.statistics()
+    assert (stats.dropped_items, stats.held, stats.buffered) == (2, 0, 0)
+
+
 def test_bad_options_are_refused_when_opening() -> None:
     async def sink(key: Any, items: list[Any]) -> None:
         pass
