@@ -30,11 +30,17 @@ __all__ = [
     "ProcessorStatistics",
     "ProcessorStopped",
     "SaveError",
+    "open_loader",
     "open_processor",
+    "open_writer",
     "worker_for_key",
 ]
 
 __version__ = "0.1.0"
+
+# Batchers built on the public API above: imported after it (they import keybatch).
+from .loader import open_loader
+from .writer import open_writer
 
 # Public names say they live here, as in trio.
 for _name in __all__:

@@ -36,6 +36,9 @@ __all__ = ["Group", "KeyState", "close_batch", "should_close", "start_batch"]
 
 logger = logging.getLogger("keybatch")
 
+# Return types that are never awaitable: skips a failing hasattr (~0.3 us).
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, tuple, list, dict})
+
 # Key phases.
 NEW = 0  # operations queued; waiting for the worker to load
 LOADING = 1
@@ -192,7 +195,8 @@ async def close_batch(worker: Worker, st: KeyState) -> None:
             slot._state = RAISED
             failed += 1
             continue
-        if hasattr(type(value), "__await__"):
+        kind = type(value)
+        if kind not in _PLAIN and hasattr(kind, "__await__"):
             slot._outcome = _awaitable_returned(st.key, value)
             slot._state = RAISED
             failed += 1

@@ -24,8 +24,8 @@ class ProcessorStatistics:
         load_failures: Batches whose load raised or timed out.
         save_failures: Batches whose save raised or timed out.
         operation_failures: Operations that raised.
-        operations_withdrawn: Operations removed before they were applied, because
-            their caller was cancelled or called :meth:`Pending.cancel`.
+        operations_withdrawn: Operations removed before they were applied,
+            because their caller was cancelled.
         stopping: True once the processor began to stop.
     """
 
