@@ -224,6 +224,8 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
             if slot._state == 0:  # still queued: never applied
                 slot._withdraw()
             raise
+        if slot._state == 2:  # VALUE: the common case, without a call
+            return slot._outcome  # type: ignore[no-any-return]
         return slot._unwrap()
 
     def submit(
