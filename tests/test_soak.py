@@ -147,7 +147,7 @@ class Soak:
 @pytest.mark.parametrize(
     ("operations", "keys", "callers"),
     [
-        pytest.param(4_000, 100, 40, id="small"),
+        pytest.param(2_000, 50, 20, id="small"),
         pytest.param(
             int(os.environ.get("KEYBATCH_SOAK_OPS", "1000000")),
             int(os.environ.get("KEYBATCH_SOAK_KEYS", "10000")),
