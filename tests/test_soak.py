@@ -213,3 +213,33 @@ async def test_soak_nothing_lost_nothing_twice_nothing_left(
         baseline.filter_traces(everything_else), "filename"
     )
     assert sum(stat.size_diff for stat in rest) < 256 * 1024, rest[:5]
+
+
+@pytest.mark.parametrize(
+    ("bug", "message"),
+    [("lose a save", "expected count"), ("apply twice", "applied 2 times")],
+)
+async def test_soak_check_can_fail(bug: str, message: str, autojump_clock: Any) -> None:
+    class Broken(Soak):
+        async def save(self, key: Hashable, resource: list[int]) -> None:
+            if bug == "lose a save" and resource[4] == 7:
+                self.saved_loads[resource[4]] = 1  # claims success, writes nothing
+                await trio.lowlevel.checkpoint()
+                return
+            await super().save(key, resource)
+
+        def op(self, resource: list[int], op_id: int) -> int:
+            if bug == "apply twice" and op_id == 5:
+                super().op(resource, op_id)
+            return super().op(resource, op_id)
+
+    soak = Broken(400, 10, seed=1)
+    soak.store.clear_faults()
+    async with keybatch.open_processor(
+        load=soak.load, save=soak.save, min_duration=0.01
+    ) as processor:
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(soak.caller, processor, 40)
+    with pytest.raises(AssertionError, match=message):
+        soak.verify()
