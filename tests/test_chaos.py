@@ -97,6 +97,10 @@ class Chaos:
             await finish.wait()
             nursery.cancel_scope.cancel()
 
+    def raising_hook(self, report: keybatch.BatchReport) -> None:
+        if report.key == "c":
+            raise RuntimeError("a broken on_batch hook (logged and ignored)")
+
     async def save(self, key: str, resource: list[int]) -> None:
         await self.store.save(key, resource)
 
@@ -304,7 +308,8 @@ class ChaosMachine(RuleBasedStateMachine):
         min_duration=st.sampled_from([0, 0.01, 0.05]),
         max_duration=st.sampled_from([0.03, 0.1]),
         workers=st.integers(1, 3),
-        max_ops=st.sampled_from([None, 2]),
+        max_ops=st.sampled_from([None, 1, 2]),
+        hook_raises=st.booleans(),
         max_pending=st.sampled_from([None, None, 5]),
         fault_rate=st.sampled_from([0, 0.1, 0.3]),
         stop_after=st.integers(4, 40),
@@ -318,6 +323,7 @@ class ChaosMachine(RuleBasedStateMachine):
         max_pending: int | None,
         fault_rate: float,
         stop_after: int,
+        hook_raises: bool,
     ) -> None:
         self.stop_after = stop_after
         self.step(
@@ -328,6 +334,7 @@ class ChaosMachine(RuleBasedStateMachine):
                 "workers": workers,
                 "max_ops": max_ops,
                 "max_pending": max_pending,
+                "on_batch": self.chaos.raising_hook if hook_raises else None,
             },
             fault_rate,
         )
@@ -440,7 +447,7 @@ def test_the_machine_can_fail() -> None:
     machine = LosingMachine()
     with pytest.raises(kt.HistoryViolation, match="the store holds"):
         try:
-            machine.open_processor(0, 0.1, 1, None, None, 0, 10)
+            machine.open_processor(0, 0.1, 1, None, None, 0, 10, False)
             machine.run("a", "append", 1, None)
             machine.advance(0.01)
             machine.history_is_valid()
