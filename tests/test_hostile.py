@@ -300,6 +300,27 @@ async def test_op_raising_base_exception_propagates_to_its_own_caller(
     rec.check(store.data, complete=True)
 
 
+@pytest.mark.trio
+async def test_op_raising_stop_iteration(autojump_clock: Any) -> None:
+    # Python turns a StopIteration leaving a coroutine into RuntimeError (PEP
+    # 479); the caller gets that, caused by the op's StopIteration.
+    raised = StopIteration(5)
+
+    def stop(resource: list[Any]) -> None:
+        raise raised
+
+    store = kt.memory_store(lambda key: [])
+    async with opener(store) as processor:
+        with pytest.raises(RuntimeError, match="StopIteration") as info:
+            await processor.run("a", stop)
+        assert info.value.__cause__ is raised
+        pending = processor.submit("a", stop)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await pending.result()
+        await still_works(processor, "a")
+    assert store.data == {"a": ["ok"], "bystander": ["ok"]}
+
+
 # --------------------------------------------------------------------------- load/save
 
 
