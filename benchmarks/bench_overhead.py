@@ -65,7 +65,7 @@ GRIDS: dict[str, list[tuple[int, int, float]]] = {
 # min_duration > 0 (every caller waits a window per operation).
 TOTAL_OPS = {"tiny": 400, "quick": 30000, "full": 100000}
 WINDOW_BUDGET = {"tiny": 0.01, "quick": 0.3, "full": 1.0}
-REPEATS = {"tiny": 1, "quick": 3, "full": 3}
+REPEATS = {"tiny": 1, "quick": 5, "full": 3}
 
 
 def add(resource: list[int], n: int) -> int:
@@ -371,11 +371,11 @@ def plot(results: list[dict[str, Any]], directory: str) -> None:
             continue
         xs = [c for c, _ in cells]
         for impl, marker in (("keybatch", "o"), ("floor", "s"), ("lock", "^")):
-            ys = [1e3 / r[f"{impl}_wall_us"] for _, r in cells]
+            ys = [1e3 / r[f"{impl}_us"] for _, r in cells]
             ax.plot(xs, ys, style, marker=marker, label=f"{impl} ({backend})")
     ax.set_xscale("log")
     ax.set_xlabel("concurrent callers (10 keys, min_duration 0)")
-    ax.set_ylabel("thousand operations per second")
+    ax.set_ylabel("thousand operations per CPU second")
     ax.set_title("Throughput against callers, in-memory load/save")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -383,10 +383,10 @@ def plot(results: list[dict[str, Any]], directory: str) -> None:
     fig.savefig(f"{directory}/throughput_vs_callers.png", dpi=110)
     plt.close(fig)
     # keybatch / floor ratio for every cell.
-    fig, ax = plt.subplots(figsize=(8, 4.2))
     cells = sorted(
         {(r["min_duration"], r["callers"], r["keys"]) for r in results},
     )
+    fig, ax = plt.subplots(figsize=(max(8, 0.4 * len(cells)), 4.2))
     labels = [f"{c}x{k}\n{md * 1000:g}ms" for md, c, k in cells]
     width = 0.4
     for n, backend in enumerate(("trio", "asyncio")):
