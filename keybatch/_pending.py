@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 from trio import Event as _TrioEvent
 
 from ._errors import LoadError, ProcessorStopped, SaveError
-from ._util import NoPublicConstructor, checkpoint
+from ._util import NoPublicConstructor, checkpoint, foreign_loop_error
 
 if TYPE_CHECKING:
     from ._batch import Group
@@ -27,15 +27,6 @@ RAISED = 3
 LOAD_FAILED = 4
 SAVE_FAILED = 5
 ABORTED = 6
-
-
-def foreign_loop_error() -> RuntimeError:
-    """The error for a call from another event loop running in the same thread."""
-    return RuntimeError(
-        "keybatch: a Processor must be used from the event loop that opened it,"
-        " not from another event loop in the same thread (asyncio.run() inside"
-        " trio, or trio.run() inside asyncio)"
-    )
 
 
 @final

@@ -18,7 +18,7 @@ from trio import Event as _TrioEvent
 
 from ._batch import OPEN, Group, KeyState
 from ._errors import Overloaded, ProcessorStopped
-from ._pending import Pending, foreign_loop_error
+from ._pending import Pending
 from ._records import BatchReport, ProcessorStatistics
 from ._routing import _route
 from ._util import (
@@ -26,6 +26,7 @@ from ._util import (
     AsyncioEvent,
     NoPublicConstructor,
     backend_primitives,
+    foreign_loop_error,
     is_async_callable,
 )
 from ._worker import Worker

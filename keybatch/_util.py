@@ -16,6 +16,7 @@ __all__ = [
     "AsyncioEvent",
     "NoPublicConstructor",
     "backend_primitives",
+    "foreign_loop_error",
     "is_async_callable",
 ]
 
@@ -105,6 +106,13 @@ class AsyncioEvent:
                 if task.cancelling() or not future.cancelled():
                     raise  # our own cancellation
                 # Another waiter's cancellation cancelled the shared future.
+            except BaseException as exc:
+                if not future.done() and future._asyncio_future_blocking:
+                    # Awaited by another event loop (trio.run() inside an asyncio
+                    # task): unblock the shared future for the other waiters.
+                    future._asyncio_future_blocking = False
+                    raise foreign_loop_error() from exc
+                raise
         return True
 
     def shared_future(self) -> asyncio.Future[None]:
@@ -113,6 +121,15 @@ class AsyncioEvent:
         if future is None or future.done():  # done and not set: cancelled
             future = self._future = self._loop.create_future()
         return future
+
+
+def foreign_loop_error() -> RuntimeError:
+    """The error for a call from another event loop running in the same thread."""
+    return RuntimeError(
+        "keybatch: a Processor must be used from the event loop that opened it,"
+        " not from another event loop in the same thread (asyncio.run() inside"
+        " trio, or trio.run() inside asyncio)"
+    )
 
 
 def backend_primitives() -> tuple[
