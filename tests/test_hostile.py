@@ -566,9 +566,15 @@ async def test_asyncio_processor_run_from_trio_inside_asyncio() -> None:
         await asyncio.sleep(0)
         with pytest.raises(RuntimeError, match="event loop that opened it"):
             trio.run(processor.run, "a", append, 2)
-        assert await honest == 1
+        pending = processor.submit("a", append, 3)
+        with pytest.raises(RuntimeError, match="event loop that opened it"):
+            trio.run(pending.result)
+        # A caller joining the same batch afterwards is not affected.
+        late = asyncio.ensure_future(processor.run("a", append, 4))
+        await asyncio.sleep(0)
+        assert [await honest, await pending.result(), await late] == [1, 2, 3]
         await still_works(processor, "a")
-    assert store.data == {"a": [1, "ok"], "bystander": ["ok"]}
+    assert store.data == {"a": [1, 3, 4, "ok"], "bystander": ["ok"]}
 
 
 def test_processor_used_by_a_later_event_loop() -> None:
