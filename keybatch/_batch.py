@@ -262,6 +262,9 @@ def _finish(
                 slot._outcome = failure
     group.finished = True
     group.event.set()
+    # Slots point at their group; a finished group lets go of its slots so that
+    # neither forms a cycle: both are freed by refcounting, not by the GC.
+    group.slots.clear()
     st.closing = None
     done = group.live
     proc._pending -= done
@@ -314,4 +317,5 @@ def abort_group(group: Group) -> int:
             n += 1
     group.finished = True
     group.event.set()
+    group.slots.clear()
     return n

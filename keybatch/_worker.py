@@ -60,8 +60,13 @@ class Worker:
 
     def drop(self, st: KeyState) -> None:
         st.phase = GONE
-        del self.keys[st.key]
+        keys = self.keys
+        del keys[st.key]
         self.proc._keys -= 1
+        if not keys:
+            # A dict never shrinks on deletion: after a burst of distinct keys
+            # it would keep its large table for good. A fresh one gives it back.
+            self.keys = {}
 
     def begin_stop(self) -> None:
         """Close open windows now; the loop exits once no key is left."""
