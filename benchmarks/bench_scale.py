@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for backend in args.backends:
         t: dict[str, float] = {}
         for impl in ("keybatch", "floor"):
-            wall, cpu = run_on(
+            wall, cpu, _ = run_on(
                 backend, measure, impl, backend, callers, keys, 0.0, nkeys // callers
             )
             t[impl], t[f"{impl}_cpu"] = wall, cpu
