@@ -23,6 +23,7 @@ Each figure is the best (lowest) of a few interleaved repetitions. Run:
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -314,7 +315,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     lock_cache: dict[tuple[str, int, int], tuple[float, float]] = {}
     rows = []
     nan = float("nan")
-    for callers, nkeys, md in GRIDS[args.mode]:
+    grid = GRIDS[args.mode]
+    for index, (callers, nkeys, md) in enumerate(grid, 1):
+        if args.mode == "full":  # a long run: say how far it got
+            print(
+                f"   cell {index}/{len(grid)}: {callers} callers, {nkeys} keys,"
+                f" min_duration {md * 1000:g} ms",
+                file=sys.stderr,
+                flush=True,
+            )
         row: list[object] = [callers, nkeys, f"{md * 1000:g}"]
         for backend in args.backends:
             us = run_cell(backend, callers, nkeys, md, args.mode)
