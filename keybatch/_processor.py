@@ -10,6 +10,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, final, overload
 
 import anyio
@@ -43,9 +44,7 @@ P = ParamSpec("P")
 # Slots are built without calling Pending's constructor: the hot path.
 _new_slot = object.__new__
 # asyncio.current_task is written in Python before 3.12; its table is not.
-_current_task: Callable[[Any], Any] = getattr(
-    asyncio.tasks, "_current_tasks", {}
-).get
+_current_task: Callable[[Any], Any] = getattr(asyncio.tasks, "_current_tasks", {}).get
 if sys.version_info >= (3, 12) or not isinstance(
     getattr(asyncio.tasks, "_current_tasks", None), dict
 ):  # pragma: no cover
@@ -529,15 +528,18 @@ def open_processor(
     if max_duration is None and min_duration > 0:
         max_duration = 2 * min_duration
     return _open(
-        load,
-        save,
-        float(min_duration),
-        None if max_duration is None else float(max_duration),
-        nworkers,
-        worker_for_key,
-        max_ops,
-        max_pending,
-        on_batch,
+        partial(
+            Processor._create,
+            load,
+            save,
+            float(min_duration),
+            None if max_duration is None else float(max_duration),
+            nworkers,
+            worker_for_key,
+            max_ops,
+            max_pending,
+            on_batch,
+        )
     )
 
 
@@ -588,33 +590,13 @@ def _validate(
 
 
 @asynccontextmanager
-async def _open(
-    load: Callable[[Any], Awaitable[Any]] | None,
-    save: Callable[[Any, Any], Awaitable[object]] | None,
-    min_duration: float,
-    max_duration: float | None,
-    workers: int,
-    router: Callable[[Any, int], int] | None,
-    max_ops: int | None,
-    max_pending: int | None,
-    on_batch: Callable[[BatchReport], object] | None,
-) -> AsyncIterator[Processor[Any]]:
-    proc: Processor[Any] = Processor._create(
-        load,
-        save,
-        min_duration,
-        max_duration,
-        workers,
-        router,
-        max_ops,
-        max_pending,
-        on_batch,
-    )
+async def _open(create: Callable[[], Processor[Any]]) -> AsyncIterator[Processor[Any]]:
+    proc = create()  # in the event loop: it picks the backend's primitives
     proc._all_stopped = proc._new_event()
     body_error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
-            proc._running_workers = workers
+            proc._running_workers = proc._nworkers
             for worker in proc._workers:
                 tg.start_soon(
                     proc._work, worker, name=f"keybatch worker {worker.index}"
