@@ -31,6 +31,7 @@ from typing import Any, Generic, TypeVar, final
 import anyio
 
 import keybatch
+from keybatch._util import NoPublicConstructor
 
 __all__ = [
     "BatchLoadError",
@@ -44,16 +45,6 @@ V = TypeVar("V")
 
 _checkpoint = anyio.lowlevel.checkpoint
 _MISSING: Any = object()
-
-
-class _NoPublicConstructor(type):
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__} has no public constructor"
-        )
-
-    def _create(cls, *args: Any, **kwargs: Any) -> Any:
-        return super().__call__(*args, **kwargs)
 
 
 class BatchLoadError(keybatch.KeybatchError):
@@ -122,7 +113,7 @@ def _route(key: int, workers: int) -> int:
 
 
 @final
-class Loader(Generic[K, V], metaclass=_NoPublicConstructor):
+class Loader(Generic[K, V], metaclass=NoPublicConstructor):
     """Batches ``load(id)`` calls into ``batch_load(ids)`` calls; built by
     :func:`open_loader`."""
 

@@ -50,6 +50,7 @@ import trio
 import trio.testing
 
 import keybatch
+from keybatch._util import NoPublicConstructor
 
 __all__ = [
     "Event",
@@ -69,16 +70,6 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-class _NoPublicConstructor(type):
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__} has no public constructor"
-        )
-
-    def _create(cls, *args: Any, **kwargs: Any) -> Any:
-        return super().__call__(*args, **kwargs)
-
-
 class _Cancellable(Protocol):
     def cancel(self) -> None: ...
 
@@ -88,7 +79,7 @@ class _Cancellable(Protocol):
 
 
 @final
-class Injection(metaclass=_NoPublicConstructor):
+class Injection(metaclass=NoPublicConstructor):
     """One fault rule of a :class:`MemoryStore`, returned by :meth:`MemoryStore.inject`.
 
     Attributes:
@@ -173,7 +164,7 @@ class Injection(metaclass=_NoPublicConstructor):
 
 
 @final
-class MemoryStore(Generic[R], metaclass=_NoPublicConstructor):
+class MemoryStore(Generic[R], metaclass=NoPublicConstructor):
     """Resources kept in a dict, with injectable faults; built by :func:`memory_store`.
 
     Pass ``store.load`` and ``store.save`` to :func:`keybatch.open_processor`.
@@ -423,7 +414,7 @@ class HistoryViolation(AssertionError):
 
 
 @final
-class Recorder(metaclass=_NoPublicConstructor):
+class Recorder(metaclass=NoPublicConstructor):
     """Logs calls, applications, outcomes, loads and saves; built by :func:`recorder`.
 
     Route operations through :meth:`run`/:meth:`submit` (or pass

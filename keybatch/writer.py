@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar, final
 import anyio
 
 import keybatch
+from keybatch._util import NoPublicConstructor
 
 __all__ = [
     "DependencyFailed",
@@ -43,16 +44,6 @@ T = TypeVar("T")
 logger = logging.getLogger("keybatch.writer")
 
 _checkpoint = anyio.lowlevel.checkpoint
-
-
-class _NoPublicConstructor(type):
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__qualname__} has no public constructor"
-        )
-
-    def _create(cls, *args: Any, **kwargs: Any) -> Any:
-        return super().__call__(*args, **kwargs)
 
 
 class WriteError(keybatch.BatchError):
@@ -229,7 +220,7 @@ def _route(key: Hashable, workers: int) -> int:
 
 
 @final
-class Writer(Generic[T], metaclass=_NoPublicConstructor):
+class Writer(Generic[T], metaclass=NoPublicConstructor):
     """Buffers items per key and flushes them to the sink; built by :func:`open_writer`.
 
     ``T`` is the type of the items.
