@@ -411,8 +411,9 @@ def plot(results: list[dict[str, Any]], directory: str) -> None:
     cells = sorted(
         {(r["min_duration"], r["callers"], r["keys"]) for r in results},
     )
-    fig, ax = plt.subplots(figsize=(max(8, 0.4 * len(cells)), 4.2))
-    labels = [f"{c}x{k}\n{md * 1000:g}ms" for md, c, k in cells]
+    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(cells)), 4.2 + 0.02 * len(cells)))
+    sep = " " if len(cells) > 20 else "\n"
+    labels = [f"{c}x{k}{sep}{md * 1000:g}ms" for md, c, k in cells]
     width = 0.4
     for n, backend in enumerate(("trio", "asyncio")):
         by = {
@@ -427,7 +428,7 @@ def plot(results: list[dict[str, Any]], directory: str) -> None:
     ax.axhline(2, color="red", linewidth=1, linestyle=":", label="target (2x)")
     ax.axhline(1, color="gray", linewidth=1)
     ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels(labels, fontsize=6)
+    ax.set_xticklabels(labels, fontsize=6, rotation=90 if len(cells) > 20 else 0)
     ax.set_ylabel("keybatch / floor (CPU time per op)")
     ax.set_xlabel("callers x keys, min_duration")
     ax.set_title("Overhead against the hand-written lower bound")
