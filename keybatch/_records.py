@@ -1,6 +1,9 @@
-"""Frozen records: processor statistics and batch reports."""
+"""Frozen records: processor statistics and batch reports.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: the annotations stay real objects,
+so typing.get_type_hints() works on the public records (they claim to live in
+`keybatch`, where their annotation names would not resolve).
+"""
 
 from collections.abc import Hashable
 from dataclasses import dataclass

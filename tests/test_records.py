@@ -39,3 +39,11 @@ def test_statistics_fields() -> None:
         "operations_withdrawn",
         "stopping",
     ]
+
+
+def test_records_support_get_type_hints() -> None:
+    import typing
+
+    hints = typing.get_type_hints(keybatch.BatchReport)
+    assert hints["save_duration"] == float | None
+    assert typing.get_type_hints(keybatch.ProcessorStatistics)["workers"] is int
