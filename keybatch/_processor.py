@@ -19,7 +19,7 @@ from trio import Event as _TrioEvent
 
 from ._batch import OPEN, Group, KeyState
 from ._errors import Overloaded, ProcessorStopped
-from ._pending import Pending
+from ._pending import QUEUED, VALUE, Pending
 from ._records import BatchReport, ProcessorStatistics
 from ._routing import _route
 from ._util import (
@@ -197,12 +197,12 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
                         await future
                     except _CancelledError:
                         if task.cancelling() or not future.cancelled():
-                            if slot._state == 0:  # still queued: never applied
+                            if slot._state == QUEUED:  # never applied
                                 slot._withdraw()
                             raise
                         # else another waiter's cancellation: wait again
                     except BaseException as exc:
-                        if slot._state == 0:
+                        if slot._state == QUEUED:
                             slot._withdraw()
                         if not future.done() and future._asyncio_future_blocking:
                             # Awaited by another event loop (trio.run() inside an
@@ -211,7 +211,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
                             future._asyncio_future_blocking = False
                             raise foreign_loop_error() from exc
                         raise
-                if slot._state == 2:  # VALUE: the common case, without a call
+                if slot._state == VALUE:  # the common case, without a call
                     return slot._outcome  # type: ignore[no-any-return]
                 return slot._unwrap()
         elif type(event) is _TrioEvent and _get_running_loop() is not None:
@@ -221,10 +221,10 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         try:
             await event.wait()
         except BaseException:
-            if slot._state == 0:  # still queued: never applied
+            if slot._state == QUEUED:  # never applied
                 slot._withdraw()
             raise
-        if slot._state == 2:  # VALUE: the common case, without a call
+        if slot._state == VALUE:  # the common case, without a call
             return slot._outcome  # type: ignore[no-any-return]
         return slot._unwrap()
 
@@ -317,7 +317,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         slot._op = op
         slot._args = args
         slot._kwargs = kwargs
-        slot._state = 0
+        slot._state = QUEUED
         slot._outcome = None
         slot._group = group
         slots = group.slots
