@@ -3,7 +3,7 @@
 Each ``benchmarks/bench_<name>.py`` runs in a subprocess of its own (a fresh
 interpreter: no memory or event-loop state carried from one to the next), one
 after the other, in name order, with the same mode. Quick mode is the default;
-``--full`` is the long run. ``--json DIR`` keeps each benchmark's results as
+``--full`` is the long run, and ends with the soak test (``pytest -m soak``). ``--json DIR`` keeps each benchmark's results as
 ``DIR/<name>.json``; ``--plot DIR`` has the benchmarks that draw write PNGs there.
 Exits non-zero if any benchmark failed.
 """
@@ -62,6 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         if code:
             failed.append(name)
+    if args.full and not args.only:
+        # The soak test (a million operations with 1% faults) is long: it runs
+        # with the full benchmarks, not in the default test suite.
+        cmd = [sys.executable, "-m", "pytest", "-m", "soak", "-q", "tests/test_soak.py"]
+        print("$ " + " ".join(["python", *cmd[1:]]))
+        sys.stdout.flush()
+        if subprocess.call(cmd, cwd=HERE.parent):
+            failed.append("soak")
     if failed:
         print(f"FAILED: {', '.join(failed)}")
         return 1
