@@ -3,7 +3,8 @@
 Each ``benchmarks/bench_<name>.py`` runs in a subprocess of its own (a fresh
 interpreter: no memory or event-loop state carried from one to the next), one
 after the other, in name order, with the same mode. Quick mode is the default;
-``--full`` is the long run, and ends with the soak test (``pytest -m soak``). ``--json DIR`` keeps each benchmark's results as
+``--full`` is the long run, and ends with the soak test (``pytest -m soak``).
+``--json DIR`` keeps each benchmark's results as
 ``DIR/<name>.json``; ``--plot DIR`` has the benchmarks that draw write PNGs there.
 Exits non-zero if any benchmark failed.
 """
