@@ -497,7 +497,9 @@ def open_processor(
             closes it as soon as the operations queued so far are applied.
         max_duration: Deadline of load plus save, counted from the batch start.
             Default ``2 * min_duration``; None with ``min_duration=0`` means no
-            deadline.
+            deadline. Enforced by cancellation: a load or save that reaches no
+            cancellable await after the deadline (a running thread that is not
+            abandoned, say) and then returns normally counts as on time.
         workers: Number of worker tasks, which bounds the loads and saves in
             flight. Default 16 x CPU count.
         worker_for_key: ``(key, workers) -> index`` router. Default
