@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 import anyio
@@ -191,6 +193,9 @@ async def test_asyncio_anyio_scope_cancels_one_caller_only() -> None:
     assert processor.statistics().operations_withdrawn == 1
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Task.cancelling() is new in Python 3.11"
+)
 async def test_asyncio_caller_with_a_pending_cancel_request_is_withdrawn() -> None:
     """A task that swallowed a cancellation (cancelling() > 0) still works."""
     import asyncio
