@@ -65,8 +65,8 @@ class Group:
         proc = self.state.worker.proc
         proc._pending -= 1
         proc._withdrawn += 1
-        if proc._room_waiters:
-            proc._free_room(1)
+        if proc._room:
+            proc._room.wake(1)
         st = self.state
         if self.live == 0 and st.phase == OPEN and st.groups[0] is self:
             st.worker.schedule(st)  # nobody left in the open batch: close it now
@@ -277,8 +277,8 @@ def _finish(
             proc._load_failures += 1
         else:
             proc._save_failures += 1
-    if proc._room_waiters:
-        proc._free_room(done)
+    if proc._room:
+        proc._room.wake(done)
     if st.groups:
         st.phase = NEW
         st.start = proc._clock()

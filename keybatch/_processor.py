@@ -7,14 +7,12 @@ import math
 import os
 import sys
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, final, overload
 
 import anyio
-import mmh3
 from trio import Event as _TrioEvent
 
 from ._batch import OPEN, Group, KeyState
@@ -26,6 +24,7 @@ from ._util import (
     ASYNC_FLAGS,
     AsyncioEvent,
     NoPublicConstructor,
+    Room,
     backend_primitives,
     foreign_loop_error,
     is_async_callable,
@@ -51,7 +50,6 @@ if sys.version_info >= (3, 12) or not isinstance(
     _current_task = asyncio.current_task
 _get_running_loop = asyncio._get_running_loop
 _get_ident = threading.get_ident
-_mmh3_hash = mmh3.hash
 _CancelledError = asyncio.CancelledError
 
 
@@ -82,7 +80,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         "_cancelled",
         "_thread",
         "_cancel_scope",
-        "_room_waiters",
+        "_room",
         "_pending",
         "_keys",
         "_active",
@@ -123,7 +121,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         self._new_event, self._clock, self._cancel_scope = backend_primitives()
         self._cancelled = anyio.get_cancelled_exc_class()
         self._thread = threading.get_ident()
-        self._room_waiters: deque[Any] = deque()
+        self._room = Room()
         self._pending = 0
         self._keys = 0
         self._active = 0
@@ -282,13 +280,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
             )
         router = self._router
         if router is None:
-            if type(key) is str:
-                try:
-                    index = _mmh3_hash(key.encode(), 0, False) % self._nworkers
-                except UnicodeEncodeError:
-                    index = _route(key, self._nworkers)  # raises the ValueError
-            else:
-                index = _route(key, self._nworkers)
+            index = _route(key, self._nworkers)
         else:
             index = router(key, self._nworkers)
             if type(index) is not int or not 0 <= index < self._nworkers:
@@ -340,22 +332,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         while self._pending >= max_pending:
             if self._stopping:
                 raise ProcessorStopped("the processor is stopping")
-            event = self._new_event()
-            self._room_waiters.append(event)
-            try:
-                await event.wait()
-            except BaseException:
-                try:
-                    self._room_waiters.remove(event)
-                except ValueError:  # already woken: pass the room on
-                    self._free_room(1)
-                raise
-
-    def _free_room(self, n: int) -> None:
-        waiters = self._room_waiters
-        while n > 0 and waiters:
-            waiters.popleft().set()
-            n -= 1
+            await self._room.wait(self._new_event())
 
     async def flush(self) -> None:
         """Close every batch now and wait for the operations accepted so far.
@@ -408,7 +385,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         self._stopping = True
         for worker in self._workers:
             worker.begin_stop()
-        self._free_room(len(self._room_waiters))
+        self._room.wake_all()
 
     async def aclose(self) -> None:
         """Stop gracefully; the same as leaving the ``async with`` block.

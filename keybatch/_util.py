@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -14,6 +15,7 @@ import trio
 
 __all__ = [
     "AsyncioEvent",
+    "Room",
     "NoPublicConstructor",
     "backend_primitives",
     "foreign_loop_error",
@@ -44,6 +46,41 @@ def is_async_callable(obj: object) -> bool:
     if inspect.iscoroutinefunction(obj):
         return True
     return callable(obj) and inspect.iscoroutinefunction(type(obj).__call__)
+
+
+class Room:
+    """Tasks waiting for room under a bound, woken first come, first served."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: deque[Any] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def wake(self, n: int) -> None:
+        """Wake up to ``n`` waiters (room for ``n`` more was made)."""
+        waiters = self._waiters
+        while n > 0 and waiters:
+            waiters.popleft().set()
+            n -= 1
+
+    def wake_all(self) -> None:
+        self.wake(len(self._waiters))
+
+    async def wait(self, event: Any) -> None:
+        """Park on ``event`` until woken. Cancellation: raised here; a waiter
+        woken but cancelled before it ran passes its room on to the next one."""
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            try:
+                self._waiters.remove(event)
+            except ValueError:  # already woken: pass the room on
+                self.wake(1)
+            raise
 
 
 class AsyncioEvent:

@@ -144,5 +144,4 @@ class Worker:
             self.drop(st)
         self.ready.clear()
         self.timers.clear()
-        if proc._room_waiters:
-            proc._free_room(len(proc._room_waiters))
+        proc._room.wake_all()

@@ -165,7 +165,7 @@ async def _open(
                 yield writer
             except BaseException:
                 writer._closing = True
-                writer._free_room(len(writer._room_waiters))
+                writer._room.wake_all()
                 raise
             await writer._drain()
     finally:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar, final
 
 import anyio
 
 import keybatch
-from keybatch._util import NoPublicConstructor
+from keybatch._util import NoPublicConstructor, Room
 
 from ._buffer import Buffer, Entry, append, append_sync
 from ._deps import TORN_DOWN, Dependencies, dependency_message
@@ -43,7 +42,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         "_on_error",
         "_on_flush",
         "_closing",
-        "_room_waiters",
+        "_room",
         "_buffered",
         "_deps",
         "_written",
@@ -73,7 +72,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         self._on_error = on_error
         self._on_flush = on_flush
         self._closing = False
-        self._room_waiters: deque[anyio.Event] = deque()
+        self._room = Room()
         self._buffered = 0
         self._deps = Dependencies(self)
         self._written = 0
@@ -135,11 +134,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
             if self._closing:
                 raise keybatch.ProcessorStopped("the writer is closing")
             await self._wait_for_room()
-        if id is None and not after:  # the hot path
-            self._proc.submit(key, append, item)
-            self._buffered += 1
-        else:
-            self._deps.accept(key, item, id, after, False)
+        self._accept(item, key, id, after)
 
     def write_nowait(
         self,
@@ -163,7 +158,13 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
             raise keybatch.Overloaded(
                 f"max_buffered={self._max_buffered} items are buffered"
             )
-        if id is None and not after:
+        self._accept(item, key, id, after)
+
+    def _accept(
+        self, item: T, key: Hashable, id: Hashable, after: Iterable[Hashable]
+    ) -> None:
+        """Buffer an item once there is room (write and write_nowait)."""
+        if id is None and not after:  # the hot path
             self._proc.submit(key, append, item)
             self._buffered += 1
         else:
@@ -292,27 +293,12 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         if self._gone:  # counted in dropped_items already
             return
         self._buffered -= 1
-        self._free_room(1)
+        self._room.wake(1)
         if id is not None:
             self._deps.fail_ids([(id, reason)])
 
-    def _free_room(self, n: int) -> None:
-        waiters = self._room_waiters
-        while n > 0 and waiters:
-            waiters.popleft().set()
-            n -= 1
-
     async def _wait_for_room(self) -> None:
-        event = anyio.Event()
-        self._room_waiters.append(event)
-        try:
-            await event.wait()
-        except BaseException:
-            try:
-                self._room_waiters.remove(event)
-            except ValueError:  # already woken: pass the room on
-                self._free_room(1)
-            raise
+        await self._room.wait(anyio.Event())
 
     def _call_hook(self, hook: Callable[..., object], *args: Any) -> None:
         try:
@@ -341,7 +327,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
                 self._failed_flushes += 1
                 self._failed_items += n
                 self._buffered -= n
-                self._free_room(n)
+                self._room.wake(n)
                 if self._on_error is not None:
                     self._call_hook(self._on_error, key, items, exc)
                 if buffer.ids:
@@ -357,7 +343,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         self._buffered -= n
         if nbytes is not None:
             self._bytes += nbytes
-        self._free_room(n)
+        self._room.wake(n)
         if buffer.ids:
             self._deps.written_ids(buffer.ids)
         self._report(key, n, attempts, start, clock() - start, nbytes, None)
@@ -380,7 +366,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         # Graceful close: refuse new items, then flush until nothing is left
         # (held items are released by the flushes of what they wait for).
         self._closing = True
-        self._free_room(len(self._room_waiters))
+        self._room.wake_all()
         proc = self._proc
         while self._buffered > 0:
             if proc.statistics().pending_operations:
@@ -393,7 +379,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
     def _torn_down(self) -> None:
         # The processor is gone: whatever is still buffered will never be written.
         self._closing = self._gone = True
-        self._free_room(len(self._room_waiters))
+        self._room.wake_all()
         self._deps.drop_held()
         self._dropped += self._buffered
         self._buffered = 0
