@@ -351,6 +351,7 @@ async def test_flush_returns_when_every_caller_of_a_batch_withdrew(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
 async def test_batches_under_faults_on_asyncio() -> None:
     import anyio
 

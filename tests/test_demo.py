@@ -84,6 +84,7 @@ async def test_both_runs_are_consistent_on_trio(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio-real"], indirect=True)
 async def test_both_runs_are_consistent_on_asyncio() -> None:
     result = await run_demo(20, 3, 0.2, out=io.StringIO(), min_duration=0.01)
     assert_sound(result)

@@ -566,6 +566,7 @@ else:  # pragma: no cover
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
 async def test_asyncio_processor_run_from_trio_inside_asyncio() -> None:
     # trio.run() called from an asyncio task: the asyncio processor's callers
     # that share the batch must not be broken by it.

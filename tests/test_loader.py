@@ -619,6 +619,7 @@ def test_every_caller_gets_its_own_value(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
 async def test_asyncio_batches_dedupes_and_reports_missing() -> None:
     source = Source(missing={4})
     async with open_loader(source) as loader:

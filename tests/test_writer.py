@@ -896,6 +896,7 @@ async def test_asyncio_flush_on_size_and_on_exit() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
 async def test_asyncio_write_sync_errors_and_retries() -> None:
     failure = ValueError("no")
     sink = Sink(failures=[OSError("transient"), failure])
