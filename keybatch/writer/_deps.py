@@ -197,7 +197,7 @@ class Dependencies:
             held.failed_on = (dependency, reason)
             writer._buffered -= 1
             writer._failed_items += 1
-            writer._room.wake(1)
+            writer._room.release(1)
             if held.id is not None:
                 # Not nested further: a long chain keeps short messages.
                 todo.append(

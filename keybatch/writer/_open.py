@@ -165,7 +165,7 @@ async def _open(
                 yield writer
             except BaseException:
                 writer._closing = True
-                writer._room.wake_all()
+                writer._room.release_all()
                 raise
             await writer._drain()
     finally:

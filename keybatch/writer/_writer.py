@@ -9,13 +9,14 @@ from typing import Any, Generic, TypeVar, final
 import anyio
 
 import keybatch
-from keybatch._util import NoPublicConstructor, Room
+from keybatch._util import NoPublicConstructor
 
 from ._buffer import Buffer, Entry, append, append_sync
 from ._deps import TORN_DOWN, Dependencies, dependency_message
 from ._errors import DependencyFailed, WriteError
 from ._records import FlushReport, WriterStatistics
 from ._retry import RetryPolicy
+from ._room import RoomQueue
 
 __all__ = ["Writer"]
 
@@ -72,7 +73,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         self._on_error = on_error
         self._on_flush = on_flush
         self._closing = False
-        self._room = Room()
+        self._room = RoomQueue()
         self._buffered = 0
         self._deps = Dependencies(self)
         self._written = 0
@@ -293,12 +294,12 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         if self._gone:  # counted in dropped_items already
             return
         self._buffered -= 1
-        self._room.wake(1)
+        self._room.release(1)
         if id is not None:
             self._deps.fail_ids([(id, reason)])
 
     async def _wait_for_room(self) -> None:
-        await self._room.wait(anyio.Event())
+        await self._room.park()
 
     def _call_hook(self, hook: Callable[..., object], *args: Any) -> None:
         try:
@@ -327,7 +328,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
                 self._failed_flushes += 1
                 self._failed_items += n
                 self._buffered -= n
-                self._room.wake(n)
+                self._room.release(n)
                 if self._on_error is not None:
                     self._call_hook(self._on_error, key, items, exc)
                 if buffer.ids:
@@ -343,7 +344,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         self._buffered -= n
         if nbytes is not None:
             self._bytes += nbytes
-        self._room.wake(n)
+        self._room.release(n)
         if buffer.ids:
             self._deps.written_ids(buffer.ids)
         self._report(key, n, attempts, start, clock() - start, nbytes, None)
@@ -366,7 +367,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         # Graceful close: refuse new items, then flush until nothing is left
         # (held items are released by the flushes of what they wait for).
         self._closing = True
-        self._room.wake_all()
+        self._room.release_all()
         proc = self._proc
         while self._buffered > 0:
             if proc.statistics().pending_operations:
@@ -379,7 +380,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
     def _torn_down(self) -> None:
         # The processor is gone: whatever is still buffered will never be written.
         self._closing = self._gone = True
-        self._room.wake_all()
+        self._room.release_all()
         self._deps.drop_held()
         self._dropped += self._buffered
         self._buffered = 0
