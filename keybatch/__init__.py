@@ -8,6 +8,8 @@ its own result or its own exception.
 
 from ._errors import (
     BatchError,
+    Conflict,
+    KeyBusy,
     KeybatchError,
     LoadError,
     Overloaded,
@@ -22,6 +24,8 @@ from ._routing import worker_for_key
 __all__ = [
     "BatchError",
     "BatchReport",
+    "Conflict",
+    "KeyBusy",
     "KeybatchError",
     "LoadError",
     "Overloaded",

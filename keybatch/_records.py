@@ -15,7 +15,7 @@ __all__ = ["BatchReport", "ProcessorStatistics"]
 
 @dataclass(frozen=True)
 class ProcessorStatistics:
-    """A snapshot of a processor, returned by :meth:`Processor.statistics`.
+    """A snapshot of a processor, returned by [`Processor.statistics`][keybatch.Processor.statistics].
 
     Attributes:
         workers: Number of worker tasks.
@@ -30,6 +30,12 @@ class ProcessorStatistics:
         operations_withdrawn: Operations removed before they were applied,
             because their caller was cancelled.
         stopping: True once the processor began to stop.
+        max_worker_queue: Operations accepted and not yet applied on the busiest
+            worker: the main operating signal of a fixed pool.
+        conflicts: Saves that raised [`Conflict`][keybatch.Conflict] (each led to
+            a replay, or to the batch's failure past `max_replays`).
+        exclusive_sections: [`exclusive`][keybatch.Processor.exclusive] sections
+            holding their keys now.
     """
 
     workers: int
@@ -43,6 +49,9 @@ class ProcessorStatistics:
     operation_failures: int
     operations_withdrawn: int
     stopping: bool
+    max_worker_queue: int = 0
+    conflicts: int = 0
+    exclusive_sections: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,19 @@ class BatchReport:
         operations: Operations the batch took: applied, raised, or failed by its load.
         load_duration: Seconds spent in load (0.0 without a load function).
         save_duration: Seconds spent in save, or None when nothing was saved.
-        error: The :class:`LoadError` or :class:`SaveError` that failed the batch,
-            or None.
+        error: The [`LoadError`][keybatch.LoadError] or
+            [`SaveError`][keybatch.SaveError] that failed the batch, or None.
+        close_reason: Why the window closed: `"window"` (min_duration passed),
+            `"max_ops"`, `"flush"` or `"stop"`; None when the load failed.
+        duration: Seconds from the start to the delivery of the outcomes.
+        failed_operations: Operations that raised (their callers got their
+            exceptions; the batch went on).
+        withdrawn_operations: Operations withdrawn by cancelled callers before
+            they were applied.
+        wall_start: `time.time()` at the start, beside the loop clock's `start`
+            (for spans and logs that need wall-clock time).
+        replays: Times the batch loaded and applied again after `save` raised
+            [`Conflict`][keybatch.Conflict].
     """
 
     key: Hashable
@@ -71,3 +91,9 @@ class BatchReport:
     load_duration: float
     save_duration: float | None
     error: BatchError | None
+    close_reason: str | None = None
+    duration: float = 0.0
+    failed_operations: int = 0
+    withdrawn_operations: int = 0
+    wall_start: float = 0.0
+    replays: int = 0
