@@ -1,9 +1,8 @@
-"""Waiting for room under the writer's ``max_buffered`` bound, first come first served."""
+"""Waiting for room under the writer's ``max_buffered`` bound, in arrival order."""
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
 
 import anyio
 
