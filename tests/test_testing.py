@@ -14,7 +14,6 @@ import trio.testing
 import keybatch
 from keybatch import testing as kt
 from keybatch.testing import Event, HistoryViolation, check_history
-from keybatch.testing import virtual_clock as virtual_clock  # the fixture
 
 
 class DiskFull(Exception):
@@ -619,6 +618,25 @@ async def test_virtual_clock_fixture_gives_autojump_time(
         await processor.run("k", lambda r: r)
     assert trio.current_time() - start == 60
     assert not math.isinf(start)
+
+
+def test_the_fixtures_come_from_the_installed_pytest_plugin(
+    pytestconfig: pytest.Config,
+) -> None:
+    # No conftest imports virtual_clock: pytest found it through the pytest11
+    # entry point that keybatch's metadata declares.
+    import importlib.metadata
+
+    (entry,) = [
+        e
+        for e in importlib.metadata.entry_points(group="pytest11")
+        if e.name == "keybatch"
+    ]
+    assert entry.value == "keybatch.testing._pytest_plugin"
+    plugin = pytestconfig.pluginmanager.get_plugin("keybatch")
+    assert plugin is not None
+    assert plugin.__name__ == "keybatch.testing._pytest_plugin"
+    assert not hasattr(kt, "virtual_clock")  # no pytest import in keybatch.testing
 
 
 # --------------------------------------------------------------------------- asyncio

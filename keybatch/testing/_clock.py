@@ -1,4 +1,4 @@
-"""Virtual time: :func:`run_autojump` and :func:`assert_elapsed`."""
+"""Virtual time: `run_autojump` and `assert_elapsed`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def run_autojump(
     *args: Any,
     clock: trio.testing.MockClock | None = None,
 ) -> T:
-    """Run ``async_fn(*args)`` with :func:`trio.run` under an autojump ``MockClock``.
+    """Run `async_fn(*args)` with `trio.run` under an autojump `MockClock`.
 
     Time is virtual: it starts at 0 and jumps to the next deadline whenever
     every task is blocked, so a test of a 10-minute scenario takes
@@ -30,7 +30,7 @@ def run_autojump(
     Args:
         async_fn: The async function to run.
         args: Its positional arguments.
-        clock: A clock to use instead of ``MockClock(autojump_threshold=0)``.
+        clock: A clock to use instead of `MockClock(autojump_threshold=0)`.
     """
     if clock is None:
         clock = trio.testing.MockClock(autojump_threshold=0)
@@ -39,12 +39,14 @@ def run_autojump(
 
 @contextmanager
 def assert_elapsed(seconds: float, *, tolerance: float = 1e-9) -> Iterator[None]:
-    """Assert that the block takes exactly ``seconds`` of event-loop time.
+    """Assert that the block takes exactly `seconds` of event-loop time.
 
-    Meant for virtual time (trio's ``MockClock``), where durations are exact::
+    Meant for virtual time (trio's `MockClock`), where durations are exact:
 
-        with keybatch.testing.assert_elapsed(0.1):
-            await processor.run("k", op)
+    ```python
+    with keybatch.testing.assert_elapsed(0.1):
+        await processor.run("k", op)
+    ```
 
     Raises:
         AssertionError: The block took another time (checked only when the

@@ -1,4 +1,4 @@
-"""The log of a :class:`Recorder` and its checker: :func:`check_history`."""
+"""The log of a `Recorder` and its checker: `check_history`."""
 
 from __future__ import annotations
 
@@ -40,22 +40,22 @@ SAVE_FAILED = "save_failed"  # save raised or was cancelled; error
 
 @dataclass(frozen=True)
 class Event:
-    """One entry of a :class:`Recorder`'s log.
+    """One entry of a [`Recorder`][keybatch.testing.Recorder]'s log.
 
     Attributes:
         index: Position in the log (0-based).
         key: The key concerned.
-        kind: One of ``call``, ``apply``, ``outcome``, ``load``, ``loaded``,
-            ``load_failed``, ``save``, ``saved``, ``save_failed``.
-        op: The operation's number (its index in call order), for ``call``,
-            ``apply`` and ``outcome``; else None.
-        data: ``call``: ``(op, args, kwargs, how)``, ``how`` being ``"run"``,
-            ``"submit"`` or ``"wrap"`` (for which the outcome is never
-            logged, and ``args``/``kwargs`` only once applied); ``apply`` and
-            ``outcome``: the
-            value; ``loaded`` and ``save``: a deep copy of the resource.
-        error: The exception of ``apply``, ``outcome``, ``load_failed`` and
-            ``save_failed``, or None.
+        kind: One of `call`, `apply`, `outcome`, `load`, `loaded`,
+            `load_failed`, `save`, `saved`, `save_failed`.
+        op: The operation's number (its index in call order), for `call`,
+            `apply` and `outcome`; else None.
+        data: `call`: `(op, args, kwargs, how)`, `how` being `"run"`,
+            `"submit"` or `"wrap"` (for which the outcome is never
+            logged, and `args`/`kwargs` only once applied); `apply` and
+            `outcome`: the
+            value; `loaded` and `save`: a deep copy of the resource.
+        error: The exception of `apply`, `outcome`, `load_failed` and
+            `save_failed`, or None.
     """
 
     index: int
@@ -67,7 +67,7 @@ class Event:
 
 
 class HistoryViolation(AssertionError):
-    """The history broke a keybatch guarantee; ``problems`` lists each finding."""
+    """The history broke a keybatch guarantee; `problems` lists each finding."""
 
     def __init__(self, problems: Sequence[str]) -> None:
         super().__init__(
@@ -91,16 +91,16 @@ def check_history(
     * operations are applied in the order they were called, each at most once;
     * a caller that got a value had its operation applied in a batch that was
       saved, and got the value the application returned; a caller that got
-      ``LoadError`` or ``ProcessorStopped`` had its operation never applied; a
-      caller that got ``SaveError`` had it applied in a batch whose save
+      `LoadError` or `ProcessorStopped` had its operation never applied; a
+      caller that got `SaveError` had it applied in a batch whose save
       failed; a caller that got another exception got the one its operation
       raised; no exception instance reached two callers;
     * every save wrote what replaying the batch's operations on the loaded
       resource gives (operations must be deterministic), and every load
       returned the last state saved;
-    * ``saved`` (the store's final contents), if given, holds the last state
+    * `saved` (the store's final contents), if given, holds the last state
       saved for every key that was saved;
-    * with ``complete``: every batch that applied an operation successfully
+    * with `complete`: every batch that applied an operation successfully
       ended with a save, and every operation has an outcome or was applied.
 
     Raises:

@@ -1,4 +1,4 @@
-"""The recorder of calls, applications, outcomes, loads and saves: :func:`recorder`."""
+"""The recorder of calls, applications, outcomes, loads and saves: `recorder`."""
 
 from __future__ import annotations
 
@@ -37,11 +37,15 @@ P = ParamSpec("P")
 
 @final
 class Recorder(metaclass=NoPublicConstructor):
-    """Logs calls, applications, outcomes, loads and saves; built by :func:`recorder`.
+    """Logs calls, applications, outcomes, loads and saves.
 
-    Route operations through :meth:`run`/:meth:`submit` (or pass
-    :meth:`wrap`'s result to ``processor.run``) and give the processor
-    :meth:`wrap_load`/:meth:`wrap_save` of your store; then :meth:`check`.
+    Built by [`recorder`][keybatch.testing.recorder]. Route operations through
+    [`run`][keybatch.testing.Recorder.run] /
+    [`submit`][keybatch.testing.Recorder.submit] (or pass
+    [`wrap`][keybatch.testing.Recorder.wrap]'s result to `processor.run`) and give
+    the processor [`wrap_load`][keybatch.testing.Recorder.wrap_load] /
+    [`wrap_save`][keybatch.testing.Recorder.wrap_save] of your store; then
+    [`check`][keybatch.testing.Recorder.check].
 
     Attributes:
         events: The log, in the order things happened.
@@ -71,14 +75,17 @@ class Recorder(metaclass=NoPublicConstructor):
     def wrap(
         self, key: Hashable, op: Callable[Concatenate[R, P], T]
     ) -> Callable[Concatenate[R, P], T]:
-        """Log a call of ``op`` on ``key`` now; return an op that logs its application.
+        """Log a call of `op` on `key` now; return an op that logs its application.
 
-        Call it in the same expression as ``run``/``submit`` (no checkpoint in
-        between) so the log keeps call order::
+        Call it in the same expression as `run`/`submit` (no checkpoint in
+        between) so the log keeps call order:
 
-            await processor.run(key, recorder.wrap(key, deposit), 10)
+        ```python
+        await processor.run(key, recorder.wrap(key, deposit), 10)
+        ```
 
-        The outcome is not logged this way; :meth:`run` and :meth:`submit` log it.
+        The outcome is not logged this way; [`run`][keybatch.testing.Recorder.run]
+        and [`submit`][keybatch.testing.Recorder.submit] log it.
         """
         n = self._ops
         self._ops += 1
@@ -131,10 +138,10 @@ class Recorder(metaclass=NoPublicConstructor):
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """Run ``op`` through ``processor.run``, logging call, application and outcome.
+        """Run `op` through `processor.run`, logging call, application and outcome.
 
-        Cancellation: as :meth:`keybatch.Processor.run`; the cancellation is
-        logged as the outcome and re-raised.
+        Cancellation: as [`keybatch.Processor.run`][keybatch.Processor.run]; the
+        cancellation is logged as the outcome and re-raised.
         """
         n, wrapped = self._call(key, op, args, kwargs, "run")
         try:
@@ -154,10 +161,11 @@ class Recorder(metaclass=NoPublicConstructor):
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> keybatch.Pending[T]:
-        """Submit ``op`` through ``processor.submit``, logging call and application.
+        """Submit `op` through `processor.submit`, logging call and application.
 
-        The outcome is logged by :meth:`result` or :meth:`collect`. An error
-        raised at the call (``Overloaded``, ``ProcessorStopped``, ...) is logged
+        The outcome is logged by [`result`][keybatch.testing.Recorder.result] or
+        [`collect`][keybatch.testing.Recorder.collect]. An error raised at the
+        call (`Overloaded`, `ProcessorStopped`, ...) is logged
         as the outcome and re-raised.
         """
         n, wrapped = self._call(key, op, args, kwargs, "submit")
@@ -170,10 +178,10 @@ class Recorder(metaclass=NoPublicConstructor):
         return pending
 
     async def result(self, pending: keybatch.Pending[T]) -> T:
-        """``await pending.result()`` for a :meth:`submit`-ted operation, logging it.
+        """`await pending.result()` for a `submit`-ted operation, logging it.
 
         Cancellation: nothing is logged; the operation stays queued (as
-        :meth:`keybatch.Pending.result`).
+        [`keybatch.Pending.result`][keybatch.Pending.result]).
         """
         for n, p in self._unobserved.items():  # noqa: B007
             if p is pending:
@@ -196,8 +204,8 @@ class Recorder(metaclass=NoPublicConstructor):
     async def collect(self) -> None:
         """Log the outcome of every submitted operation that is done and not logged yet.
 
-        Call it after the processor stopped, before :meth:`check` with
-        ``complete=True``.
+        Call it after the processor stopped, before
+        [`check`][keybatch.testing.Recorder.check] with `complete=True`.
 
         Cancellation: stops collecting; what was logged stays.
         """
@@ -219,7 +227,7 @@ class Recorder(metaclass=NoPublicConstructor):
     def wrap_load(
         self, load: Callable[[Hashable], Awaitable[R]]
     ) -> Callable[[Hashable], Awaitable[R]]:
-        """Return a load function that logs ``load``'s start, result or failure."""
+        """Return a load function that logs `load`'s start, result or failure."""
 
         async def recorded_load(key: Hashable) -> R:
             self._log(key, LOAD)
@@ -236,7 +244,7 @@ class Recorder(metaclass=NoPublicConstructor):
     def wrap_save(
         self, save: Callable[[Hashable, R], Awaitable[object]]
     ) -> Callable[[Hashable, R], Awaitable[None]]:
-        """Return a save function that logs ``save``'s start (with a copy) and end."""
+        """Return a save function that logs `save`'s start (with a copy) and end."""
 
         async def recorded_save(key: Hashable, resource: R) -> None:
             self._log(key, SAVE, data=copy.deepcopy(resource))
@@ -256,10 +264,13 @@ class Recorder(metaclass=NoPublicConstructor):
     def check(
         self, saved: Mapping[Hashable, Any] | None = None, *, complete: bool = False
     ) -> None:
-        """Verify the log; raise :class:`HistoryViolation` listing what is wrong.
+        """Verify the log; raise `HistoryViolation` listing what is wrong.
 
-        See :func:`check_history`. With ``complete=True`` (the processor has
-        stopped and :meth:`collect` ran), every submitted operation must be done.
+        See [`check_history`][keybatch.testing.check_history] and
+        [`HistoryViolation`][keybatch.testing.HistoryViolation]. With
+        `complete=True` (the processor has stopped and
+        [`collect`][keybatch.testing.Recorder.collect] ran), every submitted
+        operation must be done.
         """
         problems = _check(self.events, saved, complete)
         if complete:
@@ -271,10 +282,10 @@ class Recorder(metaclass=NoPublicConstructor):
 
 
 def recorder() -> Recorder:
-    """Create an empty :class:`Recorder`.
+    """Create an empty [`Recorder`][keybatch.testing.Recorder].
 
-    Example::
-
+    Example:
+        ```python
         rec = keybatch.testing.recorder()
         store = keybatch.testing.memory_store(lambda key: [])
         async with keybatch.open_processor(
@@ -282,6 +293,7 @@ def recorder() -> Recorder:
         ) as processor:
             await rec.run(processor, "k", list.append, 1)
         rec.check(store.data, complete=True)
+        ```
     """
     rec: Recorder = Recorder._create()
     return rec

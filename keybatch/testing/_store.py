@@ -1,4 +1,4 @@
-"""The in-memory store with fault injection: :func:`memory_store`."""
+"""The in-memory store with fault injection: `memory_store`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ class _Cancellable(Protocol):
 
 @final
 class Injection(metaclass=NoPublicConstructor):
-    """One fault rule of a :class:`MemoryStore`, returned by :meth:`MemoryStore.inject`.
+    """One fault rule of a `MemoryStore`, returned by `MemoryStore.inject`.
+
+    See [`MemoryStore.inject`][keybatch.testing.MemoryStore.inject].
 
     Attributes:
         calls: Calls that matched the rule's operation and keys so far.
@@ -109,17 +111,18 @@ class Injection(metaclass=NoPublicConstructor):
 
 @final
 class MemoryStore(Generic[R], metaclass=NoPublicConstructor):
-    """Resources kept in a dict, with injectable faults; built by :func:`memory_store`.
+    """Resources kept in a dict, with injectable faults.
 
-    Pass ``store.load`` and ``store.save`` to :func:`keybatch.open_processor`.
-    ``load`` returns a deep copy of the saved resource (or ``initial(key)``) and
-    ``save`` stores a deep copy, so a batch whose save fails leaves no trace.
+    Built by [`memory_store`][keybatch.testing.memory_store]. Pass `store.load`
+    and `store.save` to [`keybatch.open_processor`][keybatch.open_processor].
+    `load` returns a deep copy of the saved resource (or `initial(key)`) and
+    `save` stores a deep copy, so a batch whose save fails leaves no trace.
     Faults fire before the store is read or written.
 
     Attributes:
-        data: The saved resources by key (deep copies of what ``save`` got).
-        loads: Calls to ``load`` so far.
-        saves: Calls to ``save`` so far.
+        data: The saved resources by key (deep copies of what `save` got).
+        loads: Calls to `load` so far.
+        saves: Calls to `save` so far.
         failures: Calls that an injected fault failed (raised, hung, cancelled).
     """
 
@@ -159,36 +162,37 @@ class MemoryStore(Generic[R], metaclass=NoPublicConstructor):
         """Add a fault rule; rules are tried in the order they were added.
 
         A call matches a rule when its operation and key match; the rule fires
-        when every trigger given holds: ``nth`` (the rule's Nth matching call,
-        1-based), ``probability`` (drawn from the store's seeded
-        :class:`random.Random`), ``when(key, n)`` (n: the matching call's
-        number), and fewer than ``times`` firings so far. The first rule that
-        fires acts on the call: it sleeps ``latency`` seconds, then fails the
+        when every trigger given holds: `nth` (the rule's Nth matching call,
+        1-based), `probability` (drawn from the store's seeded
+        `random.Random`), `when(key, n)` (n: the matching call's
+        number), and fewer than `times` firings so far. The first rule that
+        fires acts on the call: it sleeps `latency` seconds, then fails the
         call in one way at most, or lets it proceed.
 
         Args:
-            operation: ``"load"``, ``"save"`` or ``"both"``.
+            operation: `"load"`, `"save"` or `"both"`.
             keys: A key, or a collection (set, list, tuple) of keys; None: every key.
                 A str or bytes is one key.
             nth: A call number or a collection of them.
             probability: Chance in [0, 1] that a matching call fires.
-            when: A predicate on ``(key, n)``.
+            when: A predicate on `(key, n)`.
             times: Fire at most this many times.
             latency: Seconds to sleep before acting.
             error: An exception class or a zero-argument factory; a fresh
                 instance is raised each time.
             hang: Sleep until cancelled: past the batch deadline the processor
-                cancels the call (``TimeoutError`` cause).
+                cancels the call (`TimeoutError` cause).
             cancel: Cancel this scope (for example the one around the
                 processor), then sleep until cancelled.
 
         Returns:
-            The rule, with counters and :meth:`Injection.remove`.
+            The rule, with counters and
+                [`Injection.remove`][keybatch.testing.Injection.remove].
 
         Raises:
             ValueError: More than one failure kind, a probability outside
                 [0, 1], a negative latency, or an unknown operation.
-            TypeError: ``error`` is an exception instance (one instance
+            TypeError: `error` is an exception instance (one instance
                 raised many times would be shared by many callers).
         """
         if operation not in ("load", "save", "both"):
@@ -250,7 +254,7 @@ class MemoryStore(Generic[R], metaclass=NoPublicConstructor):
         await anyio.lowlevel.checkpoint()
 
     async def load(self, key: Hashable) -> R:
-        """Return a deep copy of the saved resource of ``key``, or ``initial(key)``.
+        """Return a deep copy of the saved resource of `key`, or `initial(key)`.
 
         Cancellation: nothing is read or changed; the cancellation propagates.
         """
@@ -261,7 +265,7 @@ class MemoryStore(Generic[R], metaclass=NoPublicConstructor):
         return self._initial(key)
 
     async def save(self, key: Hashable, resource: R) -> None:
-        """Store a deep copy of ``resource`` as the saved state of ``key``.
+        """Store a deep copy of `resource` as the saved state of `key`.
 
         Cancellation: nothing is written; the cancellation propagates.
         """
@@ -276,22 +280,23 @@ def memory_store(
     seed: int | None = 0,
     data: Mapping[Hashable, R] | None = None,
 ) -> MemoryStore[R]:
-    """Create an in-memory store for :func:`keybatch.open_processor`.
+    """Create an in-memory store for `keybatch.open_processor`.
 
     Args:
-        initial: ``initial(key)`` gives the resource of a key never saved.
+        initial: `initial(key)` gives the resource of a key never saved.
             Default: None for every key. Resources should be deep-copyable and
-            comparable with ``==`` (lists, dicts, dataclasses).
-        seed: Seed of the store's :class:`random.Random`, used by
-            ``probability`` faults. None seeds it from the OS.
+            comparable with `==` (lists, dicts, dataclasses).
+        seed: Seed of the store's `random.Random`, used by
+            `probability` faults. None seeds it from the OS.
         data: Resources to start with.
 
-    Example::
-
+    Example:
+        ```python
         store = keybatch.testing.memory_store(lambda key: {"balance": 0})
         store.inject("save", keys="acct:1", nth=2, error=OSError)
         async with keybatch.open_processor(load=store.load, save=store.save) as p:
             ...
+        ```
     """
     init: Callable[[Hashable], Any] = initial if initial is not None else _none
     store: MemoryStore[R] = MemoryStore._create(
