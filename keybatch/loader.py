@@ -1,15 +1,15 @@
-"""A DataLoader-style batched reader: many ``load(id)`` calls, one ``batch_load``.
+"""A DataLoader-style batched reader: many `load(id)` calls, one `batch_load`.
 
-``async with open_loader(batch_load) as loader:`` then ``await loader.load(id)``
-from many tasks. The ids requested within one window go to one ``await
-batch_load(ids)`` call, which returns a mapping from id to value; each caller gets
-its own value, or its own exception.
+`async with open_loader(batch_load) as loader:` then `await loader.load(id)`
+from many tasks. The ids requested within one window go to one
+`await batch_load(ids)` call, which returns a mapping from id to value; each caller
+gets its own value, or its own exception.
 
-Built on the public :func:`keybatch.open_processor` only: one batch of the
-processor is one ``batch_load`` call. Its resource is a fresh batch, each ``load``
-is an operation that adds its id to it and returns it, and its save calls
-``batch_load``; ``run`` returns once that call is done, and the caller reads its
-value from the batch.
+Built on the public [`keybatch.open_processor`][keybatch.open_processor] only:
+one batch of the processor is one `batch_load` call. Its resource is a fresh
+batch, each `load` is an operation that adds its id to it and returns it, and its
+save calls `batch_load`; `run` returns once that call is done, and the caller
+reads its value from the batch.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ import anyio
 import keybatch
 from keybatch._util import NoPublicConstructor
 
+# The order of __all__ is the API reference's.
 __all__ = [
-    "BatchLoadError",
+    "open_loader",
     "Loader",
     "LoaderStatistics",
-    "open_loader",
+    "BatchLoadError",
 ]
 
 K = TypeVar("K", bound=Hashable)
@@ -48,10 +49,10 @@ _MISSING: Any = object()
 
 
 class BatchLoadError(keybatch.KeybatchError):
-    """The ``batch_load`` call that held this id raised, or returned no mapping.
+    """The `batch_load` call that held this id raised, or returned no mapping.
 
-    Every caller of the batch gets its own instance; ``__cause__`` is what
-    ``batch_load`` raised.
+    Every caller of the batch gets its own instance; `__cause__` is what
+    `batch_load` raised.
 
     Attributes:
         id: The id this caller asked for.
@@ -64,18 +65,18 @@ class BatchLoadError(keybatch.KeybatchError):
 
 @dataclass(frozen=True)
 class LoaderStatistics:
-    """A snapshot of a loader, returned by :meth:`Loader.statistics`.
+    """A snapshot of a loader, returned by `Loader.statistics()`.
 
     Attributes:
-        loads: ids asked for (by ``load``, and one per id of ``load_many``).
+        loads: ids asked for (by `load`, and one per id of `load_many`).
         cache_hits: Of those, ids answered from the cache.
-        shared_loads: Of those, ids answered by a ``batch_load`` call that was
+        shared_loads: Of those, ids answered by a `batch_load` call that was
             already running for them (with the cache on).
-        batches: ``batch_load`` calls made, failed ones included.
-        ids_loaded: ids passed to ``batch_load`` (after removing duplicates).
-        failed_batches: ``batch_load`` calls that raised or returned no mapping.
-        missing: ids a ``batch_load`` call left out of its mapping.
-        batches_in_flight: ``batch_load`` calls running now.
+        batches: `batch_load` calls made, failed ones included.
+        ids_loaded: ids passed to `batch_load` (after removing duplicates).
+        failed_batches: `batch_load` calls that raised or returned no mapping.
+        missing: ids a `batch_load` call left out of its mapping.
+        batches_in_flight: `batch_load` calls running now.
         cached: Values in the cache now.
     """
 
@@ -114,8 +115,8 @@ def _route(key: int, workers: int) -> int:
 
 @final
 class Loader(Generic[K, V], metaclass=NoPublicConstructor):
-    """Batches ``load(id)`` calls into ``batch_load(ids)`` calls; built by
-    :func:`open_loader`."""
+    """Batches `load(id)` calls into `batch_load(ids)` calls; built by
+    [`open_loader`][keybatch.loader.open_loader]."""
 
     __slots__ = (
         "_proc",
@@ -170,23 +171,23 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         return f"<keybatch.loader.Loader cache={cache} in_flight={self._in_flight}>"
 
     async def load(self, id: K) -> V:
-        """Return the value of ``id``, loaded with the other ids of its window.
+        """Return the value of `id`, loaded with the other ids of its window.
 
-        With the cache on, a cached value is returned at once, and an ``id``
-        whose ``batch_load`` call is running already waits for that call.
+        With the cache on, a cached value is returned at once, and an `id`
+        whose `batch_load` call is running already waits for that call.
 
         Returns:
-            What the ``batch_load`` call's mapping holds for ``id``, or the
+            What the `batch_load` call's mapping holds for `id`, or the
             cached value.
 
         Raises:
-            KeyError: The mapping had no ``id`` (only this caller gets it).
-            BatchLoadError: ``batch_load`` raised (``__cause__``) or returned no
+            KeyError: The mapping had no `id` (only this caller gets it).
+            BatchLoadError: `batch_load` raised (`__cause__`) or returned no
                 mapping; every caller of the batch gets its own instance.
             keybatch.ProcessorStopped: The loader is closed or closing.
 
         Cancellation: before its batch closed, the id is withdrawn (it is not
-        loaded for this caller). Once the batch's ``batch_load`` runs, the call
+        loaded for this caller). Once the batch's `batch_load` runs, the call
         goes on for the other callers and fills the cache; only this caller's
         value is lost. A load waiting for a call it shares just stops waiting.
         This is always a checkpoint.
@@ -220,11 +221,12 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
             raise KeyError(id) from None
 
     async def load_many(self, ids: Iterable[K]) -> list[V]:
-        """Return the values of ``ids``, in order; all go to the same window.
+        """Return the values of `ids`, in order; all go to the same window.
 
         Raises:
             KeyError, BatchLoadError: For the first id (in order) that failed,
-                as :meth:`load` would; the other ids are still loaded.
+                as [`load`][keybatch.loader.Loader.load] would; the other ids are
+                still loaded.
             keybatch.ProcessorStopped: The loader is closed or closing.
 
         Cancellation: stops the wait; the ids are still loaded (and cached),
@@ -269,9 +271,9 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         return values
 
     def clear(self, id: K) -> None:
-        """Forget the cached value of ``id``, if any (no-op without a cache).
+        """Forget the cached value of `id`, if any (no-op without a cache).
 
-        A ``batch_load`` running now does not put its values in the cache.
+        A `batch_load` running now does not put its values in the cache.
         """
         if self._cache is not None:
             self._cache.pop(id, None)
@@ -281,7 +283,7 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
     def clear_all(self) -> None:
         """Forget every cached value (no-op without a cache).
 
-        A ``batch_load`` running now does not put its values in the cache.
+        A `batch_load` running now does not put its values in the cache.
         """
         if self._cache is not None:
             self._cache.clear()
@@ -289,8 +291,8 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
             self._generation += 1
 
     def prime(self, id: K, value: V) -> None:
-        """Cache ``value`` for ``id`` unless a value is cached already (as
-        DataLoader does; ``clear(id)`` first to replace one). No-op without a
+        """Cache `value` for `id` unless a value is cached already (as
+        DataLoader does; `clear(id)` first to replace one). No-op without a
         cache."""
         if self._cache is not None:
             self._cache.setdefault(id, value)
@@ -408,31 +410,35 @@ def open_loader(
     cache: bool = False,
     concurrency: int = 4,
 ) -> AbstractAsyncContextManager[Loader[K, V]]:
-    """Open a batched loader: an async context manager yielding a :class:`Loader`.
+    """Open a batched loader: an async context manager yielding a `Loader`.
 
+    The [`Loader`][keybatch.loader.Loader] it yields is usable from any task.
     Leaving the block waits for the loads already asked for; later calls raise
-    :class:`keybatch.ProcessorStopped`. If the block raises or is cancelled,
-    ``batch_load`` calls in flight still finish (they are shielded) and the
-    loads not in one fail with :class:`keybatch.ProcessorStopped`.
+    [`keybatch.ProcessorStopped`][keybatch.ProcessorStopped]. If the block raises
+    or is cancelled, `batch_load` calls in flight still finish (they are
+    shielded) and the loads not in one fail with
+    [`keybatch.ProcessorStopped`][keybatch.ProcessorStopped].
 
     Args:
-        batch_load: ``async batch_load(ids) -> Mapping[id, value]``, given a list
+        batch_load: `async batch_load(ids) -> Mapping[id, value]`, given a list
             of distinct ids. An id it leaves out raises KeyError for its callers.
-        max_wait: Seconds a window stays open after its first ``load``. 0 (the
+        max_wait: Seconds a window stays open after its first `load`. 0 (the
             default): the window holds the loads made before the loader's task
             got to run, that is, everything asked for in the same tick.
-        max_batch_size: At most this many loads per ``batch_load`` call; a full
+        max_batch_size: At most this many loads per `batch_load` call; a full
             window closes at once. Default: no limit.
-        cache: Keep loaded values, per loader (:meth:`Loader.clear`,
-            :meth:`Loader.clear_all`, :meth:`Loader.prime`). Failures and
-            missing ids are never cached.
-        concurrency: At most this many ``batch_load`` calls at once. While one
+        cache: Keep loaded values, per loader
+            ([`Loader.clear`][keybatch.loader.Loader.clear],
+            [`Loader.clear_all`][keybatch.loader.Loader.clear_all],
+            [`Loader.prime`][keybatch.loader.Loader.prime]). Failures and missing
+            ids are never cached.
+        concurrency: At most this many `batch_load` calls at once. While one
             runs, new loads form the next window on their own.
 
     Raises:
-        TypeError: ``batch_load`` is not an async callable, or a size is not an
+        TypeError: `batch_load` is not an async callable, or a size is not an
             int.
-        ValueError: A negative or non-finite ``max_wait``, or a size below 1.
+        ValueError: A negative or non-finite `max_wait`, or a size below 1.
     """
     if not callable(batch_load) or not (
         inspect.iscoroutinefunction(batch_load)

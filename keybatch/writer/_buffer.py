@@ -49,7 +49,7 @@ def append_id(buffer: Buffer, item: Any, id: Hashable) -> None:
 
 
 def append_sync(buffer: Buffer, item: Any, id: Hashable, entry: Entry) -> None:
-    """The operation of a write_sync item: ``entry`` records its flush."""
+    """The operation of a write_sync item: `entry` records its flush."""
     entry.buffer = buffer
     buffer.items.append(item)
     if id is not None:

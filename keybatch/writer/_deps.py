@@ -1,9 +1,9 @@
-"""Dependencies between items: an item written ``after=`` others waits for them.
+"""Dependencies between items: an item written `after=` others waits for them.
 
 An item whose dependencies are not written yet is *held*; it is buffered once
-the last of them was flushed successfully, and fails (with
-:class:`DependencyFailed`) as soon as one of them fails. Failure is transitive:
-the items held on a failed item's own id fail too.
+the last of them was flushed successfully, and fails (with `DependencyFailed`) as
+soon as one of them fails. Failure is transitive: the items held on a failed
+item's own id fail too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TORN_DOWN = object()  # held.failed_on[0] of items dropped by a teardown
 
 
 class Held:
-    """An item waiting for the items named in its ``after=``."""
+    """An item waiting for the items named in its `after=`."""
 
     __slots__ = ("key", "item", "id", "seq", "missing", "done", "event", "failed_on")
 
@@ -44,13 +44,13 @@ class Held:
 
 
 def dependency_message(id: Hashable, dependency: Hashable, reason: str) -> str:
-    """The message of a :class:`DependencyFailed`."""
+    """The message of a [`DependencyFailed`][keybatch.writer.DependencyFailed]."""
     what = "the item" if id is None else f"item {id!r}"
     return f"{what} was not written: it waited for {dependency!r}, which {reason}"
 
 
 class Dependencies:
-    """The items of one writer written with an ``id`` or ``after=``.
+    """The items of one writer written with an `id` or `after=`.
 
     It owns the ids and the held items; the item counts, the room and the hooks
     it updates belong to its writer.

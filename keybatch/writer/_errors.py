@@ -12,7 +12,7 @@ __all__ = ["DependencyFailed", "WriteError"]
 class WriteError(keybatch.BatchError):
     """An item was not written: the flush that held it failed for good.
 
-    ``__cause__`` is the exception of the sink's last attempt.
+    `__cause__` is the exception of the sink's last attempt.
 
     Attributes:
         key: The key (buffer) the item was written to.
@@ -24,7 +24,7 @@ class DependencyFailed(WriteError):
 
     Attributes:
         key: The key the dependent item was written to.
-        dependency: The ``id`` of the item it waited for (named in ``after=``).
+        dependency: The `id` of the item it waited for (named in `after=`).
     """
 
     def __init__(self, key: Hashable, message: str, dependency: Hashable) -> None:

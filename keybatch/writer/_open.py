@@ -35,48 +35,50 @@ def open_writer(
     on_error: Callable[[Any, list[T], BaseException], object] | None = None,
     on_flush: Callable[[FlushReport], object] | None = None,
 ) -> AbstractAsyncContextManager[Writer[T]]:
-    """Open a buffered writer: an async context manager yielding a :class:`Writer`.
+    """Open a buffered writer: an async context manager yielding a `Writer`.
 
     Leaving the block flushes everything buffered (held items too) and waits for
     it: nothing accepted is lost. If the block raises or is cancelled instead,
     flushes in progress finish (retries included) and the rest is dropped
-    (counted in ``dropped_items``).
+    (counted in `dropped_items`).
 
     Args:
-        sink: ``async sink(key, items)``: writes a list of items in one call.
+        sink: `async sink(key, items)`: writes a list of items in one call.
             It may return the number of bytes it sent (an int), summed in
-            ``bytes_written``; anything else is ignored.
+            `bytes_written`; anything else is ignored.
         batch_size: Flush a key's buffer once it holds this many items.
         flush_interval: Seconds after a key's first buffered item when its buffer
             is flushed anyway. Items that arrive while the key's previous flush
-            is in progress wait for it to end, then ``flush_interval``.
-        jitter: Up to this many seconds are added to ``flush_interval``: a random
+            is in progress wait for it to end, then `flush_interval`.
+        jitter: Up to this many seconds are added to `flush_interval`: a random
             amount drawn once when the writer opens (so that many writers
             started together do not flush together); see
-            :attr:`Writer.flush_interval`.
+            [`Writer.flush_interval`][keybatch.writer.Writer.flush_interval].
         concurrent_flushes: At most this many sink calls at once. Each key is
             served by one of that many flush tasks, picked by
-            :func:`keybatch.worker_for_key` for str and bytes keys, by
-            ``hash(key)`` for others: a slow or retrying flush delays the other
-            keys of its task.
-        max_buffered: Bound on buffered items (default ``10 * batch_size``):
-            ``write`` waits for room, ``write_nowait`` raises
-            :class:`keybatch.Overloaded`.
-        max_retries: Retries of a failed sink call that ``retry_on`` accepts.
-        retry_on: ``retry_on(exc) -> bool``: is this failure transient? Default:
+            [`keybatch.worker_for_key`][keybatch.worker_for_key] for str and
+            bytes keys, by `hash(key)` for others: a slow or retrying flush
+            delays the other keys of its task.
+        max_buffered: Bound on buffered items (default `10 * batch_size`):
+            `write` waits for room, `write_nowait` raises
+            [`keybatch.Overloaded`][keybatch.Overloaded].
+        max_retries: Retries of a failed sink call that `retry_on` accepts.
+        retry_on: `retry_on(exc) -> bool`: is this failure transient? Default:
             OSError and TimeoutError are.
-        backoff: ``backoff(retry) -> seconds`` to wait before retry number
-            ``retry`` (1, 2, ...). Default ``exponential_backoff()``: 0.1 s
+        backoff: `backoff(retry) -> seconds` to wait before retry number
+            `retry` (1, 2, ...). Default `exponential_backoff()`: 0.1 s
             doubling up to 10 s, with jitter. The wait does not block new writes.
-        on_error: ``on_error(key, items, exc)``, a plain callable, for items that
-            failed for good: ``exc`` is the sink's last exception, or a
-            :class:`DependencyFailed`. Exceptions it raises are logged.
-        on_flush: ``on_flush(report)``, a plain callable, after each flush,
-            successful or not, with a :class:`FlushReport`. Exceptions it raises
-            are logged.
+        on_error: `on_error(key, items, exc)`, a plain callable, for items that
+            failed for good: `exc` is the sink's last exception, or a
+            [`DependencyFailed`][keybatch.writer.DependencyFailed]. Exceptions it
+            raises are logged.
+        on_flush: `on_flush(report)`, a plain callable, after each flush,
+            successful or not, with a
+            [`FlushReport`][keybatch.writer.FlushReport]. Exceptions it raises are
+            logged.
 
     Raises:
-        TypeError: ``sink`` is not an async callable, a hook is not a plain
+        TypeError: `sink` is not an async callable, a hook is not a plain
             callable, or a size is not an int.
         ValueError: A negative or non-finite duration, or a size below its minimum.
     """

@@ -10,13 +10,13 @@ __all__ = ["FlushReport", "WriterStatistics"]
 
 @dataclass(frozen=True)
 class FlushReport:
-    """What one flush did; passed to the ``on_flush`` hook.
+    """What one flush did; passed to the `on_flush` hook.
 
     Attributes:
         key: The key whose buffer was flushed.
         items: Number of items in the flush.
         attempts: Sink calls made (1 + retries).
-        start: When the first attempt began (``anyio.current_time()``).
+        start: When the first attempt began (`anyio.current_time()`).
         duration: Seconds from the first attempt to the outcome, backoff included.
         bytes: What the sink returned if it returned an int, else None.
         error: The sink's last exception if the flush failed for good, else None.
@@ -33,14 +33,14 @@ class FlushReport:
 
 @dataclass(frozen=True)
 class WriterStatistics:
-    """A snapshot of a writer, returned by :meth:`Writer.statistics`.
+    """A snapshot of a writer, returned by `Writer.statistics()`.
 
     Attributes:
         items_written: Items the sink accepted.
         flushes: Flushes that succeeded.
         failed_flushes: Flushes that failed for good.
         failed_items: Items that failed for good (their flush failed, or an item
-            they waited for was not written); each went to ``on_error``.
+            they waited for was not written); each went to `on_error`.
         retries: Sink calls that were retries.
         buffered: Items accepted and not yet written or failed: waiting in a
             buffer, held for their dependencies, or in a flush.

@@ -15,14 +15,14 @@ logger = logging.getLogger("keybatch.writer")
 def exponential_backoff(
     initial: float = 0.1, maximum: float = 10.0, *, jitter: bool = True
 ) -> Callable[[int], float]:
-    """Return a ``backoff(retry) -> seconds`` function for :func:`open_writer`.
+    """Return a `backoff(retry) -> seconds` function for `open_writer`.
 
-    Retry ``n`` (1 for the first retry) waits ``min(maximum, initial * 2**(n-1))``
-    seconds; with ``jitter``, a random duration between half of that and all of it,
+    Retry `n` (1 for the first retry) waits `min(maximum, initial * 2**(n-1))`
+    seconds; with `jitter`, a random duration between half of that and all of it,
     so writers that failed together do not retry together.
 
     Raises:
-        ValueError: ``initial`` or ``maximum`` is negative or not finite.
+        ValueError: `initial` or `maximum` is negative or not finite.
     """
     for name, value in (("initial", initial), ("maximum", maximum)):
         if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
@@ -38,15 +38,15 @@ def exponential_backoff(
 
 
 def retry_transient(exc: BaseException) -> bool:
-    """The default ``retry_on``: OSError and TimeoutError are transient."""
+    """The default `retry_on`: OSError and TimeoutError are transient."""
     return isinstance(exc, (OSError, TimeoutError))
 
 
 class RetryPolicy:
-    """The ``max_retries``, ``retry_on`` and ``backoff`` of one writer.
+    """The `max_retries`, `retry_on` and `backoff` of one writer.
 
     The user's callables may raise: that is logged, and the flush goes on as if
-    ``retry_on`` said no, or ``backoff`` said zero.
+    `retry_on` said no, or `backoff` said zero.
     """
 
     __slots__ = ("max_retries", "retry_on", "backoff")
@@ -62,7 +62,7 @@ class RetryPolicy:
         self.backoff = backoff
 
     def should_retry(self, attempts: int, exc: Exception) -> bool:
-        """Retry after ``attempts`` sink calls, the last of which raised ``exc``?"""
+        """Retry after `attempts` sink calls, the last of which raised `exc`?"""
         if attempts > self.max_retries:
             return False
         try:
@@ -72,7 +72,7 @@ class RetryPolicy:
             return False
 
     def delay(self, retry: int) -> float:
-        """Seconds to wait before retry number ``retry`` (1, 2, ...)."""
+        """Seconds to wait before retry number `retry` (1, 2, ...)."""
         try:
             delay = float(self.backoff(retry))
         except Exception:

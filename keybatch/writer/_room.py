@@ -1,4 +1,4 @@
-"""Waiting for room under the writer's ``max_buffered`` bound, in arrival order."""
+"""Waiting for room under the writer's `max_buffered` bound, in arrival order."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class RoomQueue:
 
     A woken writer owns one unit of room until it either uses it or hands it
     on: a waiter cancelled after its wake-up, or refused once awake, calls
-    :meth:`pass_on` so that the next waiter is not left parked while there is
+    `pass_on` so that the next waiter is not left parked while there is
     room.
     """
 
@@ -27,7 +27,7 @@ class RoomQueue:
         return len(self._parked)
 
     def release(self, count: int) -> None:
-        """Room for ``count`` more items was made: wake that many waiters."""
+        """Room for `count` more items was made: wake that many waiters."""
         parked = self._parked
         for _ in range(min(count, len(parked))):
             parked.popleft().set()
@@ -41,7 +41,7 @@ class RoomQueue:
         self.release(1)
 
     async def park(self) -> None:
-        """Wait until woken by :meth:`release`.
+        """Wait until woken by `release`.
 
         Cancellation: raised here. A waiter cancelled after it was woken passes
         its room on to the next one.

@@ -29,9 +29,9 @@ _checkpoint = anyio.lowlevel.checkpoint
 
 @final
 class Writer(Generic[T], metaclass=NoPublicConstructor):
-    """Buffers items per key and flushes them to the sink; built by :func:`open_writer`.
+    """Buffers items per key and flushes them to the sink; built by `open_writer`.
 
-    ``T`` is the type of the items.
+    `T` is the type of the items.
     """
 
     __slots__ = (
@@ -91,7 +91,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
 
     @property
     def flush_interval(self) -> float:
-        """Seconds a key's buffer waits after its first item: ``flush_interval``
+        """Seconds a key's buffer waits after its first item: `flush_interval`
         plus the jitter drawn when the writer was opened."""
         return self._interval
 
@@ -105,7 +105,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         id: Hashable = None,
         after: Iterable[Hashable] = (),
     ) -> None:
-        """Buffer ``item`` for ``key``; return without waiting for the flush.
+        """Buffer `item` for `key`; return without waiting for the flush.
 
         Args:
             item: What to write; the sink gets it in a list with its batch.
@@ -115,18 +115,18 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
                 but None; unique among the items not written yet.
             after: ids of items this one must be written after. It is held
                 until each of them was flushed successfully; if one of them
-                fails, this item fails too (``on_error`` gets a
-                :class:`DependencyFailed`). ids not buffered now count as written
-                unless they failed.
+                fails, this item fails too (`on_error` gets a
+                [`DependencyFailed`][keybatch.writer.DependencyFailed]). ids not
+                buffered now count as written unless they failed.
 
-        A failure to write the item later goes to ``on_error``, not here.
+        A failure to write the item later goes to `on_error`, not here.
 
         Raises:
             keybatch.ProcessorStopped: The writer is closing.
-            ValueError: ``id`` is already buffered, or ``after`` names it.
-            TypeError: ``key`` is not hashable.
+            ValueError: `id` is already buffered, or `after` names it.
+            TypeError: `key` is not hashable.
 
-        Cancellation: while waiting for room (more than ``max_buffered`` items
+        Cancellation: while waiting for room (more than `max_buffered` items
         buffered), cancelling accepts nothing. Otherwise the item is accepted
         at once; cancellation cannot reach it. This is always a checkpoint.
         """
@@ -145,13 +145,16 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         id: Hashable = None,
         after: Iterable[Hashable] = (),
     ) -> None:
-        """Like :meth:`write`, but raise :class:`keybatch.Overloaded` instead of
-        waiting when ``max_buffered`` items are buffered.
+        """Like `write`, but raise `keybatch.Overloaded` instead of waiting when full.
+
+        See [`write`][keybatch.writer.Writer.write]. Full means `max_buffered`
+        items are buffered.
 
         Raises:
-            keybatch.Overloaded: ``max_buffered`` items are buffered; nothing
+            keybatch.Overloaded: `max_buffered` items are buffered; nothing
                 was accepted.
-            keybatch.ProcessorStopped, ValueError, TypeError: As for :meth:`write`.
+            keybatch.ProcessorStopped, ValueError, TypeError: As for
+                [`write`][keybatch.writer.Writer.write].
         """
         if self._closing:
             raise keybatch.ProcessorStopped("the writer is closing")
@@ -179,22 +182,21 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         id: Hashable = None,
         after: Iterable[Hashable] = (),
     ) -> None:
-        """Buffer ``item`` like :meth:`write`; return once the flush holding it
-        succeeded.
+        """Buffer `item` like `write`; return once the flush holding it succeeded.
 
-        Arguments as for :meth:`write`.
+        Arguments as for [`write`][keybatch.writer.Writer.write].
 
         Raises:
-            WriteError: The flush failed for good (``__cause__`` is the sink's
-                last exception); ``on_error`` got the item too.
-            DependencyFailed: An item named in ``after`` was not written.
+            WriteError: The flush failed for good (`__cause__` is the sink's
+                last exception); `on_error` got the item too.
+            DependencyFailed: An item named in `after` was not written.
             keybatch.ProcessorStopped: The writer is closing, or was torn down
                 before the item entered a flush.
-            ValueError, TypeError: As for :meth:`write`.
+            ValueError, TypeError: As for [`write`][keybatch.writer.Writer.write].
 
         Cancellation: before the item entered a flush (waiting for room, for its
         dependencies, or in the buffer) it is withdrawn: never written, and
-        items waiting for its ``id`` fail. Once its flush began, the item is
+        items waiting for its `id` fail. Once its flush began, the item is
         written (or fails) as if nobody had cancelled; only the outcome is lost.
         This is always a checkpoint.
         """
@@ -252,8 +254,8 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         were written or failed.
 
         Items held for their dependencies are flushed as soon as those are
-        written, within this call. ``flush`` raises nothing about failed items
-        (they go to ``on_error``).
+        written, within this call. `flush` raises nothing about failed items
+        (they go to `on_error`).
 
         Cancellation: stops the wait; the flushes already started go on.
         This is always a checkpoint.
