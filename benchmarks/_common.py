@@ -22,12 +22,25 @@ from typing import Any
 import trio
 
 BACKENDS = ("trio", "asyncio")
+# Every event loop a benchmark can run on (uvloop: asyncio code on a uvloop loop).
+LOOPS = ("trio", "asyncio", "uvloop")
 
 
 def parse_args(
-    description: str, argv: Sequence[str] | None = None, *, backends: bool = True
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    backends: bool = True,
+    loops: Sequence[str] = BACKENDS,
+    default: str = "both",
+    repeats: bool = False,
 ) -> argparse.Namespace:
-    """The options every benchmark shares; ``args.mode`` is tiny, quick or full."""
+    """The options every benchmark shares; ``args.mode`` is tiny, quick or full.
+
+    ``--backend`` picks one of ``loops`` or all of them ("both" and "all" mean
+    every one); ``args.backends`` is the tuple to run. ``repeats=True`` adds
+    ``--repeats N`` (``args.repeats``, None when not given).
+    """
     parser = argparse.ArgumentParser(description=description)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="smoke-sized run (tests)")
@@ -35,9 +48,13 @@ def parse_args(
     if backends:
         parser.add_argument(
             "--backend",
-            choices=(*BACKENDS, "both"),
-            default="both",
-            help="event loop(s) to measure (default: both)",
+            choices=(*loops, "both", "all"),
+            default=default,
+            help=f"event loop(s) to measure (default: {default})",
+        )
+    if repeats:
+        parser.add_argument(
+            "--repeats", type=int, metavar="N", help="repetitions per cell"
         )
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     parser.add_argument(
@@ -48,16 +65,22 @@ def parse_args(
     args = parser.parse_args(argv)
     args.mode = "tiny" if args.tiny else "full" if args.full else "quick"
     if backends:
-        args.backends = BACKENDS if args.backend == "both" else (args.backend,)
+        every = args.backend in ("both", "all")
+        args.backends = tuple(loops) if every else (args.backend,)
     return args
 
 
 def run_on(backend: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    """Run ``fn(*args)`` in a fresh event loop of ``backend``; return its value."""
+    """Run ``fn(*args)`` in a fresh event loop of ``backend`` (trio, asyncio or
+    uvloop); return its value."""
     if backend == "trio":
         return trio.run(fn, *args)
     if backend == "asyncio":
         return asyncio.run(fn(*args))
+    if backend == "uvloop":
+        import uvloop
+
+        return uvloop.run(fn(*args))
     raise ValueError(f"unknown backend {backend!r}")
 
 
@@ -77,6 +100,12 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         return float("nan")
     rank = max(1, round(q / 100 * len(sorted_values)))
     return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def add(resource: list[int], n: int) -> int:
+    """An operation: add ``n`` to a one-item list counter; return the new count."""
+    resource[0] += n
+    return resource[0]
 
 
 def median(values: Sequence[float]) -> float:
@@ -132,6 +161,7 @@ def machine() -> dict[str, str]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "keybatch": keybatch.__version__,
+        "keybatch_path": os.path.dirname(keybatch.__file__),
         "trio": version("trio"),
         "anyio": version("anyio"),
     }
@@ -144,6 +174,7 @@ def print_header(title: str, args: argparse.Namespace) -> None:
         f"   {m['cpu']}, {m['cores']} cores, Python {m['python']}, keybatch"
         f" {m['keybatch']}, trio {m['trio']}, anyio {m['anyio']}"
     )
+    print(f"   keybatch imported from {m['keybatch_path']}")
     sys.stdout.flush()
 
 

@@ -24,6 +24,7 @@ import anyio
 import keybatch
 
 from ._common import (
+    add,
     now,
     parse_args,
     percentile,
@@ -32,7 +33,6 @@ from ._common import (
     run_on,
     write_json,
 )
-from .bench_overhead import add
 
 MS = 0.001
 # (callers, keys, min_duration, load = save seconds) per mode.

@@ -1,27 +1,38 @@
-"""Scale: a million distinct keys pushed through; memory per pending operation.
+"""Memory: bytes per pending operation on a hot key; back to baseline after many keys.
 
-Three measurements per event loop, in one process:
+Two measurements per event loop, each in a fresh loop, through the public API only:
 
-1. Throughput: 1000 callers (100 with --tiny) await ``run`` on distinct keys
-   until every key was used once (every batch holds one operation: the worst
-   case for per-batch bookkeeping), next to the hand-written floor of
-   bench_overhead on the same keys.
-2. Memory (tracemalloc, Python allocations): ``submit`` N operations without
-   letting the workers run, on N distinct keys and then on one key, and divide
-   the growth by N: the bytes each pending operation costs. Then the peak
-   while the callers push N distinct keys through ``run``.
-3. After each step, once the work is done: memory must be back at the baseline
-   taken after opening the processor (the processor keeps no per-key state), up
-   to a bound that depends on workers and callers, not on the keys
-   (slack_bytes).
+1. **A hot key inside a long window** (tracemalloc: Python allocations). A
+   processor with ``min_duration`` of an hour; one ``submit`` on key "hot" opens
+   its batch (loaded, window open). Then ``submit`` N more operations on "hot"
+   (the returned ``Pending`` is dropped: the processor keeps it) and divide the
+   growth by N: the bytes per operation still queued. Then yield until the
+   worker has taken them all into the open batch (memory stops moving) and
+   divide again: the bytes per operation applied and waiting for the save.
+   Target (issue 8): <= 300 B. ``flush()`` then ends the batch; what is left
+   over the baseline is printed.
+2. **Many distinct keys** (no tracing, so at full speed: ``sys.getallocatedblocks``
+   and gc-tracked objects). 1000 callers await ``run`` on distinct keys
+   (``min_duration=0``) until N keys went through, every batch one operation.
+   The baseline is taken after a warm-up of the same shape (whatever grows with
+   the callers and workers, not with the keys, is there already). After the push
+   and ``gc.collect()``: "back" means fewer than 1000 memory blocks and 500
+   objects left over the baseline, whatever N, and ``statistics().keys`` is 0.
+   CPU microseconds per key are printed too. Then a burst (tracemalloc, bytes):
+   B distinct keys submitted at once (bytes per pending operation on a key of
+   its own), flushed; what is left must be under 128 KiB (a table that grew to
+   hold the burst and never shrank would show here).
 
 Run: ``python -m benchmarks.bench_scale [--tiny | --full] [--backend ...]``.
-Quick mode pushes 200,000 keys; ``--full`` one million.
+Quick mode: 100,000 operations on the hot key, a million distinct keys, a burst
+of 50,000; ``--full``: a million on the hot key, a burst of 200,000.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
+import time
 import tracemalloc
 from collections.abc import Sequence
 from typing import Any
@@ -30,163 +41,198 @@ import anyio
 
 import keybatch
 
-from ._common import parse_args, print_header, print_table, run_on, write_json
-from .bench_overhead import add, measure
+from ._common import LOOPS, parse_args, print_header, print_table, run_on, write_json
 
-KEYS = {"tiny": 2000, "quick": 200_000, "full": 1_000_000}
+HOT_OPS = {"tiny": 2000, "quick": 100_000, "full": 1_000_000}
+KEYS = {"tiny": 2000, "quick": 1_000_000, "full": 1_000_000}
+BURST = {"tiny": 1000, "quick": 50_000, "full": 200_000}
 CALLERS = {"tiny": 100, "quick": 1000, "full": 1000}
-# Memory left over after the work that still counts as "back at the baseline",
-# whatever the number of keys: 64 KiB of allocator noise, per worker what CPython
-# keeps of a drained deque (up to 16 free 528-byte blocks), and per caller task
-# what the event loop's own tables (run queue, task sets) keep after growing to
-# hold them all. It depends on workers and callers, never on the keys.
-WORKERS = 32
+HOUR = 3600.0
+TARGET_B = 300
+BACK_BLOCKS = 1000
+BACK_OBJECTS = 500
+BACK_BURST_BYTES = 128 * 1024
 
 
-def slack_bytes(callers: int) -> int:
-    return 64 * 1024 + WORKERS * 16 * 528 + callers * 512
+def bump(resource: dict[str, int]) -> int:
+    resource["n"] += 1
+    return resource["n"]
 
 
-async def memory(nkeys: int, callers: int) -> dict[str, float]:
-    """Bytes per pending op, peak of a run, and what is left after each step."""
-    keys = [f"key-{i}" for i in range(nkeys)]
-    store: dict[str, list[int]] = {}
+async def _settle(min_wait: float = 0.05) -> int:
+    """Yield until traced memory stops moving (the workers are idle); return it."""
+    await anyio.sleep(min_wait)
+    last, still = -1, 0
+    while still < 3:
+        await anyio.sleep(0.01)
+        now = tracemalloc.get_traced_memory()[0]
+        still = still + 1 if now == last else 0
+        last = now
+    return last
 
-    async def load(key: str) -> list[int]:
-        return [0]
 
-    async def save(key: str, resource: list[int]) -> None:
+async def hot_key(n: int) -> dict[str, float]:
+    """Bytes per operation pending on one key inside an open window."""
+
+    async def load(key: str) -> dict[str, int]:
+        return {"n": 0}
+
+    async def save(key: str, resource: dict[str, int]) -> None:
         pass
 
     out: dict[str, float] = {}
-    async with keybatch.open_processor(
-        load=load, save=save, min_duration=0, workers=WORKERS
-    ) as proc:
-        for key in ("warm-up-1", "warm-up-2"):  # lazily made objects, caches
-            await proc.run(key, add, 1)
-        gc.collect()
+    async with keybatch.open_processor(load=load, save=save, min_duration=HOUR) as proc:
+        proc.submit("hot", bump)  # opens the batch: loaded, window open
         tracemalloc.start()
+        await _settle()
+        gc.collect()
         base = tracemalloc.get_traced_memory()[0]
-
-        for i in range(nkeys):
-            proc.submit(keys[i], add, 1)  # the Pending is kept by the batch
-        out["pending_distinct_B"] = (tracemalloc.get_traced_memory()[0] - base) / nkeys
+        objects = len(gc.get_objects())
+        for _ in range(n):
+            proc.submit("hot", bump)
+        out["queued_B"] = (tracemalloc.get_traced_memory()[0] - base) / n
+        out["applied_B"] = (await _settle() - base) / n
+        out["objects_per_op"] = (len(gc.get_objects()) - objects) / n
+        out["pending"] = proc.statistics().pending_operations
         await proc.flush()
         gc.collect()
-        out["left_after_distinct_B"] = tracemalloc.get_traced_memory()[0] - base
+        out["left_B"] = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+    return out
 
-        for _ in range(nkeys):
-            proc.submit("one-key", add, 1)
-        out["pending_one_key_B"] = (tracemalloc.get_traced_memory()[0] - base) / nkeys
-        await proc.flush()
-        gc.collect()
-        out["left_after_one_key_B"] = tracemalloc.get_traced_memory()[0] - base
 
-        tracemalloc.reset_peak()
-        per_caller = nkeys // callers
+async def distinct_keys(nkeys: int, callers: int, burst: int) -> dict[str, float]:
+    """What is left after ``nkeys`` distinct keys went through ``run``."""
 
-        async def caller(i: int) -> None:
-            for j in range(per_caller):
-                await proc.run(keys[i + j * callers], add, 1)
+    async def load(key: str) -> dict[str, int]:
+        return {"n": 0}
+
+    async def save(key: str, resource: dict[str, int]) -> None:
+        pass
+
+    async def push(proc: Any, prefix: str, count: int) -> None:
+        each = count // callers
+
+        async def caller(index: int) -> None:
+            for j in range(each):
+                await proc.run(f"{prefix}{index + j * callers}", bump)
 
         async with anyio.create_task_group() as tg:
-            for i in range(callers):
-                tg.start_soon(caller, i)
+            for index in range(callers):
+                tg.start_soon(caller, index)
+
+    out: dict[str, float] = {}
+    async with keybatch.open_processor(
+        load=load, save=save, min_duration=0, max_duration=None
+    ) as proc:
+        await push(proc, "warm-", 10 * callers)  # the same shape, small
         gc.collect()
-        current, peak = tracemalloc.get_traced_memory()
-        out["run_peak_B"] = peak - base
-        out["left_after_run_B"] = current - base
-        out["stats_keys"] = proc.statistics().keys
+        blocks = sys.getallocatedblocks()
+        objects = len(gc.get_objects())
+        began = time.process_time()
+        await push(proc, "key-", nkeys)
+        out["cpu_us_per_key"] = (time.process_time() - began) / nkeys * 1e6
+        gc.collect()
+        out["pushed"] = nkeys // callers * callers
+        out["left_blocks"] = sys.getallocatedblocks() - blocks
+        out["left_objects"] = len(gc.get_objects()) - objects
+        # A burst: ``burst`` distinct keys pending at once, then flushed. Traced,
+        # in bytes: a table that grew to hold them and never shrinks shows here.
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(burst):
+            proc.submit(f"burst-{i}", bump)
+        out["burst_pending_B"] = (tracemalloc.get_traced_memory()[0] - base) / burst
+        await proc.flush()
+        gc.collect()
+        out["burst_left_B"] = tracemalloc.get_traced_memory()[0] - base
         tracemalloc.stop()
-    del store
+        out["stats_keys"] = proc.statistics().keys
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    nkeys = KEYS[args.mode]
-    callers = CALLERS[args.mode]
-    print_header(f"scale: {nkeys:,} distinct keys", args)
-    keys = [f"key-{i}" for i in range(nkeys)]
+    args = parse_args(__doc__.splitlines()[0], argv, loops=LOOPS, default="all")
+    n, nkeys, callers = HOT_OPS[args.mode], KEYS[args.mode], CALLERS[args.mode]
+    print_header(
+        f"memory: {n:,} pending ops on a hot key, {nkeys:,} distinct keys", args
+    )
     results: list[dict[str, Any]] = []
-    speed_rows = []
-    mem_rows = []
-    for backend in args.backends:
-        t: dict[str, float] = {}
-        for impl in ("keybatch", "floor"):
-            wall, cpu, _ = run_on(
-                backend, measure, impl, backend, callers, keys, 0.0, nkeys // callers
-            )
-            t[impl], t[f"{impl}_cpu"] = wall, cpu
-        pushed = callers * (nkeys // callers)
-        speed_rows.append(
+    hot_rows, key_rows = [], []
+    for loop in args.backends:
+        hot = run_on(loop, hot_key, n)
+        worst = max(hot["queued_B"], hot["applied_B"])
+        hot_rows.append(
             [
-                backend,
-                pushed,
-                pushed / t["keybatch"],
-                pushed / t["floor"],
-                t["keybatch_cpu"] / pushed * 1e6,
-                t["floor_cpu"] / pushed * 1e6,
-                t["keybatch_cpu"] / t["floor_cpu"],
+                loop,
+                n,
+                hot["queued_B"],
+                hot["applied_B"],
+                hot["objects_per_op"],
+                hot["left_B"] / 1024,
+                f"<= {TARGET_B}: " + ("met" if worst <= TARGET_B else "MISSED"),
             ]
         )
-        mem = run_on(backend, memory, nkeys, callers)
-        back = all(
-            mem[k] <= slack_bytes(callers)
-            for k in (
-                "left_after_distinct_B",
-                "left_after_one_key_B",
-                "left_after_run_B",
-            )
+        dk = run_on(loop, distinct_keys, nkeys, callers, BURST[args.mode])
+        back = (
+            dk["left_blocks"] <= BACK_BLOCKS
+            and dk["left_objects"] <= BACK_OBJECTS
+            and dk["burst_left_B"] <= BACK_BURST_BYTES
+            and dk["stats_keys"] == 0
         )
-        mem_rows.append(
+        key_rows.append(
             [
-                backend,
-                mem["pending_distinct_B"],
-                mem["pending_one_key_B"],
-                mem["run_peak_B"] / 2**20,
-                mem["left_after_distinct_B"] / 1024,
-                mem["left_after_one_key_B"] / 1024,
-                mem["left_after_run_B"] / 1024,
-                "yes" if back and mem["stats_keys"] == 0 else "NO",
+                loop,
+                int(dk["pushed"]),
+                dk["cpu_us_per_key"],
+                int(dk["left_blocks"]),
+                int(dk["left_objects"]),
+                dk["burst_pending_B"],
+                dk["burst_left_B"] / 1024,
+                int(dk["stats_keys"]),
+                "yes" if back else "NO",
             ]
         )
         results.append(
-            {
-                "backend": backend,
-                "keys": pushed,
-                "keybatch_ops_per_s": pushed / t["keybatch"],
-                "floor_ops_per_s": pushed / t["floor"],
-                **mem,
-                "back_to_baseline": back,
-            }
+            {"backend": loop, "hot_key": hot, "distinct_keys": dk, "back": back}
         )
-    print("throughput, one operation per key (every batch holds one operation):")
+    print(
+        f"a hot key inside an open window ({HOUR:g} s): bytes per pending operation"
+        " (tracemalloc), queued and once applied into the batch"
+    )
+    print_table(
+        [
+            "loop",
+            "ops",
+            "B/op queued",
+            "B/op applied",
+            "objects/op",
+            "left KiB",
+            "target",
+        ],
+        hot_rows,
+    )
+    print(
+        f"distinct keys through run ({callers} callers, one operation per batch):"
+        " memory blocks and gc objects left over the baseline after gc.collect();"
+        f" then a burst of {BURST[args.mode]:,} distinct keys pending at once"
+        " (tracemalloc), flushed; back = under"
+        f" {BACK_BLOCKS} blocks, {BACK_OBJECTS} objects and (burst)"
+        f" {BACK_BURST_BYTES // 1024} KiB left, no keys held"
+    )
     print_table(
         [
             "loop",
             "keys",
-            "kb ops/s",
-            "floor ops/s",
-            "kb CPU us/op",
-            "floor",
-            "kb/floor (CPU)",
+            "CPU us/key",
+            "left blocks",
+            "left objects",
+            "burst B/pending",
+            "burst left KiB",
+            "keys held",
+            "back",
         ],
-        speed_rows,
-    )
-    print("memory (tracemalloc), bytes per pending operation and what is left:")
-    print_table(
-        [
-            "loop",
-            "B/pending, distinct keys",
-            "B/pending, one key",
-            "run peak MiB",
-            "left KiB (distinct)",
-            "(one key)",
-            "(run)",
-            "baseline",
-        ],
-        mem_rows,
+        key_rows,
     )
     write_json(args.json, "scale", args, results)
     return results
