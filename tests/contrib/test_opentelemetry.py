@@ -481,6 +481,7 @@ async def test_gauges_follow_statistics(telemetry: Telemetry) -> None:
     async with keybatch.open_processor(
         load=Store(load_delay=0.5).load,
         min_duration=0.1,
+        max_duration=1.0,
         workers=2,
         on_batch=telemetry.hook,
     ) as processor:
@@ -509,7 +510,10 @@ async def test_gauges_follow_statistics(telemetry: Telemetry) -> None:
 @pytest.mark.anyio
 async def test_max_worker_queue_gauge(telemetry: Telemetry) -> None:
     async with keybatch.open_processor(
-        load=Store(load_delay=0.5).load, min_duration=0.1, workers=1
+        load=Store(load_delay=0.5).load,
+        min_duration=0.1,
+        max_duration=1.0,
+        workers=1,
     ) as processor:
         telemetry.hook.observe(processor)
         for i in range(4):
