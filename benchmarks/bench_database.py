@@ -1,14 +1,15 @@
 """A real database: the demo's workload, keybatch against one transaction per op.
 
-Runs :func:`keybatch.demo.run_demo` (clients deposit to and withdraw from a few
-hot accounts, SQLite in a temporary file, reached from a worker thread) and
+Runs the demo's `run_demo` (examples/demo: clients deposit to and withdraw from a
+few hot accounts, SQLite in a temporary file, reached from a worker thread) and
 reports both runs side by side: operations per second, the speed-up, database
 transactions, latency, and the demo's consistency check. Both runs of a row use
 the same process, database and parameters, one after the other.
 
-With ``KEYBATCH_PG_DSN`` set (a ``postgresql://`` URL; needs ``pip install
-'keybatch[postgres]'``), the same rows run on PostgreSQL too; benchmarks/README.md
-says how to start a throw-away server on loopback.
+With ``KEYBATCH_PG_DSN`` set (a ``postgresql://`` URL; needs
+``pip install -r examples/demo/requirements.txt``), the same rows run on
+PostgreSQL too; benchmarks/README.md says how to start a throw-away server on
+loopback.
 
 Run: ``python -m benchmarks.bench_database [--tiny | --full] [--backend ...]``.
 """
@@ -20,7 +21,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from keybatch.demo import DemoError, run_demo
+from examples.demo.keybatch_demo import DemoError, run_demo
 
 from ._common import parse_args, print_header, print_table, run_on, write_json
 

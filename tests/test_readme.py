@@ -14,7 +14,7 @@ def _first_screen_commands() -> list[str]:
 
 def test_first_screen_has_a_demo_and_a_test_command() -> None:
     demo, test = _first_screen_commands()
-    assert demo.endswith("-m keybatch.demo")
+    assert demo.endswith("-m examples.demo")
     assert test.endswith("-m pytest")
 
 

@@ -1,7 +1,7 @@
-"""``python -m keybatch.demo``: see :mod:`keybatch.demo`."""
+"""`python -m examples.demo` (from the repository root): see keybatch_demo."""
 
 import sys
 
-from ._cli import main
+from .keybatch_demo import main
 
 sys.exit(main())

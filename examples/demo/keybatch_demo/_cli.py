@@ -1,4 +1,4 @@
-"""The command line: ``python -m keybatch.demo [flags]``."""
+"""The command line: `python -m examples.demo [flags]`."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def _seconds(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the demo's command line (``sys.argv[1:]`` by default)."""
+    """Parse the demo's command line (`sys.argv[1:]` by default)."""
     parser = argparse.ArgumentParser(
-        prog="python -m keybatch.demo",
+        prog="python -m examples.demo",
         description=(
             "Many clients deposit to and withdraw from a few hot accounts, through"
             " keybatch and then with one database transaction per operation;"
@@ -77,7 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--db",
         default=None,
         metavar="PATH|URL",
-        help="a SQLite file, or a postgresql:// URL (needs keybatch[postgres]);"
+        help="a SQLite file, or a postgresql:// URL (needs psycopg);"
         " its tables demo_accounts and demo_ledger are recreated"
         " (default: a SQLite file in a new temporary directory)",
     )
@@ -102,10 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = anyio.run(demo, backend=args.backend)
     except DemoError as exc:
-        print(f"keybatch.demo: {exc}", file=sys.stderr)
+        print(f"demo: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nkeybatch.demo: interrupted", file=sys.stderr)
+        print("\ndemo: interrupted", file=sys.stderr)
         return 130
     print()
     print(result.table())

@@ -1,7 +1,7 @@
 """The demo's bank: accounts, and the SQL that runs in worker threads.
 
-Everything here but :class:`Store` is synchronous and runs in a worker thread,
-on a connection of SQLite (``sqlite3``) or PostgreSQL (psycopg 3, imported only
+Everything here but `Store` is synchronous and runs in a worker thread,
+on a connection of SQLite (`sqlite3`) or PostgreSQL (psycopg 3, imported only
 when asked for). Both are used in autocommit mode with explicit transactions.
 """
 
@@ -180,7 +180,7 @@ class Store:
         self._limiter = anyio.CapacityLimiter(len(connections))
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(connection, dialect, *args)`` in a worker thread.
+        """Run `fn(connection, dialect, *args)` in a worker thread.
 
         Cancellation: waiting for a connection is cancellable; once the thread
         runs, the call finishes first (the transaction is never cut in half).
@@ -208,7 +208,7 @@ class Store:
 
 
 def connect_sqlite(path: str) -> Store:
-    """Open a SQLite file: WAL journal, ``synchronous=NORMAL``, autocommit."""
+    """Open a SQLite file: WAL journal, `synchronous=NORMAL`, autocommit."""
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -225,7 +225,7 @@ def connect_postgres(url: str) -> Store:
         psycopg: Any = importlib.import_module("psycopg")
     except ImportError:
         raise DemoError(
-            "--db postgresql://... needs psycopg: pip install 'keybatch[postgres]'"
+            "--db postgresql://... needs psycopg: pip install 'psycopg[binary]'"
         ) from None
     try:
         conns = [psycopg.connect(url, autocommit=True) for _ in range(PG_CONNECTIONS)]

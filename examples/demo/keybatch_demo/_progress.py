@@ -12,8 +12,8 @@ class Progress:
         out: Where to write.
         label: Names the run on each line.
         seconds: Length of the run, for "time left".
-        start: The run's start time (``time.perf_counter()``).
-        tty: Whether ``out`` is a terminal; default ``out.isatty()``.
+        start: The run's start time (`time.perf_counter()`).
+        tty: Whether `out` is a terminal; default `out.isatty()`.
     """
 
     def __init__(
@@ -34,7 +34,7 @@ class Progress:
         self._width = 0
 
     def update(self, done: int, now: float) -> None:
-        """Show ``done`` operations at ``now``, and the rate since the last call."""
+        """Show `done` operations at `now`, and the rate since the last call."""
         elapsed = now - self._last_time
         rate = (done - self._last_done) / elapsed if elapsed > 0 else 0.0
         self._last_done, self._last_time = done, now

@@ -40,11 +40,11 @@ class RunResult:
     """What one run of the workload did, and its consistency check.
 
     Attributes:
-        name: ``"keybatch"`` or ``"1 tx per op"``.
+        name: `"keybatch"` or `"1 tx per op"`.
         seconds: Real length of the run, operations in flight at the end included.
         operations: Operations finished: succeeded + refused + failed.
         succeeded: Operations applied and saved.
-        refused: Withdrawals refused by the operation (``Overdraft``).
+        refused: Withdrawals refused by the operation (`Overdraft`).
         failed: Operations that got a database error (not applied, or not saved).
         transactions: Database transactions made, read-only ones included.
         p50: Median latency of an operation, in seconds.
@@ -92,7 +92,7 @@ def check(
 ) -> list[str]:
     """Compare the database with what the clients were told; return the problems.
 
-    Every account must hold ``initial`` plus the sum of the operations that
+    Every account must hold `initial` plus the sum of the operations that
     succeeded on it, must agree with its ledger, and must not be negative; the
     ledger must hold exactly the operations that succeeded (a refused overdraft
     leaves no trace; an accepted one is not lost).
@@ -220,11 +220,11 @@ async def _run_workload(
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Both runs of the demo, side by side; ``table()`` renders them.
+    """Both runs of the demo, side by side; `table()` renders them.
 
     Attributes:
         clients, keys, seconds, min_duration: The parameters of the runs.
-        backend: ``"trio"`` or ``"asyncio"``.
+        backend: `"trio"` or `"asyncio"`.
         database: Which database, and how it was set up.
         keybatch: The run through keybatch.
         naive: The run with one transaction per operation.
@@ -338,19 +338,19 @@ async def run_demo(
         keys: Hot accounts the clients pick from at random.
         seconds: Length of each run (operations in flight at the end finish).
         min_duration: keybatch's batch window.
-        db: A SQLite file path, a ``postgresql://`` URL, or None for a SQLite
+        db: A SQLite file path, a `postgresql://` URL, or None for a SQLite
             file in a new temporary directory. The demo (re)creates the tables
-            ``demo_accounts`` and ``demo_ledger`` there.
-        out: Where progress goes (default ``sys.stdout``).
-        tty: Force the progress style; default ``out.isatty()``.
+            `demo_accounts` and `demo_ledger` there.
+        out: Where progress goes (default `sys.stdout`).
+        tty: Force the progress style; default `out.isatty()`.
         initial_balance: Every account's balance at the start of each run.
         seed: Seeds the clients' random choices.
 
     Returns:
-        Both runs' results; ``result.table()`` renders them.
+        Both runs' results; `result.table()` renders them.
 
     Raises:
-        DemoError: ``db`` is a PostgreSQL URL and psycopg is missing or the
+        DemoError: `db` is a PostgreSQL URL and psycopg is missing or the
             server cannot be reached.
 
     Cancellation: stops the clients; operations in flight finish or are
