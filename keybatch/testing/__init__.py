@@ -49,9 +49,14 @@ __all__ = [
     "assert_elapsed",
 ]
 
-# Public names say they live here (reprs, tracebacks, pickling), as in keybatch.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("keybatch.testing._"):
-        _obj.__module__ = "keybatch.testing"
-del _name, _obj
+
+def _rehome() -> None:
+    # Public names say they live here (reprs, tracebacks, pickling), as in keybatch.
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("keybatch.testing._"):
+            obj.__module__ = "keybatch.testing"
+
+
+_rehome()
+del _rehome
