@@ -1,0 +1,1 @@
+"""An example service: a bank on keybatch, Starlette and PostgreSQL."""
