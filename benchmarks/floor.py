@@ -39,7 +39,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -57,7 +57,8 @@ def bump(resource: dict[str, int]) -> int:
     return resource["n"]
 
 
-def _check(store: dict[int, dict[str, int]], expected: int) -> None:
+def check(store: Mapping[Any, dict[str, int]], expected: int) -> None:
+    """Raise if the counters in ``store`` do not add up to ``expected``."""
     applied = sum(resource["n"] for resource in store.values())
     if applied != expected:
         raise AssertionError(f"floor: {applied} operations applied, {expected} sent")
@@ -105,7 +106,7 @@ async def trio_floor(callers: int = 1000, keys: int = 10, ops: int = OPS) -> flo
         for index in range(callers):
             nursery.start_soon(caller, index)
     spent = time.process_time() - began
-    _check(store, each * callers)
+    check(store, each * callers)
     return spent / (each * callers)
 
 
@@ -151,7 +152,7 @@ async def asyncio_floor(callers: int = 1000, keys: int = 10, ops: int = OPS) -> 
     began = time.process_time()
     await asyncio.gather(sweeper(), *(caller(index) for index in range(callers)))
     spent = time.process_time() - began
-    _check(store, each * callers)
+    check(store, each * callers)
     return spent / (each * callers)
 
 
@@ -248,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ops", type=int, default=OPS)
     parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
     args = parser.parse_args(argv)
+    if args.ops < max(callers for callers, _ in CELLS):
+        parser.error(f"--ops must be at least {max(c for c, _ in CELLS)}")
     if not Path(args.reference).is_file():
         print(f"no reference floor at {args.reference}", file=sys.stderr)
         return 2

@@ -19,9 +19,13 @@ BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
 
 
 def test_benchmarks_are_found() -> None:
-    assert {"bench_overhead", "bench_database", "bench_scale", "bench_latency"} <= set(
-        BENCHMARKS
-    )
+    assert {
+        "bench_overhead",
+        "bench_database",
+        "bench_scale",
+        "bench_latency",
+        "bench_storm",
+    } <= set(BENCHMARKS)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -58,3 +62,47 @@ def test_runner_runs_the_selected_benchmark() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "python -m benchmarks.bench_overhead --tiny" in proc.stdout
     assert "bench_scale" not in proc.stdout
+
+
+def test_floor_counts_every_operation() -> None:
+    """The floor (benchmarks/floor.py) runs on every loop and loses nothing."""
+    from benchmarks import floor
+
+    loops = ["trio", "asyncio"]
+    if sys.platform != "win32":
+        loops.append("uvloop")
+    for loop in loops:
+        for callers, keys in ((10, 2), (10, 10), (5, 1)):
+            per_op = floor.floor_on(loop, callers, keys, ops=100)
+            assert per_op > 0
+
+
+def test_floor_check_against_the_reference(tmp_path: Path) -> None:
+    """``python -m benchmarks.floor`` runs both floors side by side (tiny)."""
+    reference = floor_reference(tmp_path)
+    proc = _run(
+        "benchmarks.floor",
+        "--reference",
+        str(reference),
+        "--repeats",
+        "1",
+        "--ops",
+        "2000",
+        "--loops",
+        "trio",
+        "asyncio",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ours/reference" in proc.stdout
+
+
+def floor_reference(tmp_path: Path) -> Path:
+    """The reference floor if it is beside the repository, else a stand-in with
+    the same interface (this floor under another name)."""
+    from benchmarks import floor
+
+    if floor.DEFAULT_REFERENCE.is_file():
+        return floor.DEFAULT_REFERENCE
+    stand_in = tmp_path / "floor.py"
+    stand_in.write_text((ROOT / "benchmarks" / "floor.py").read_text())
+    return stand_in
