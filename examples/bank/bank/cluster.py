@@ -148,7 +148,9 @@ def start_postgres(root: Path, port: int | None = None) -> Postgres:
     ]
     if user:
         command = ["runuser", "-u", user, "--", *command]
-    subprocess.run(command, check=True, capture_output=True)
+    done = subprocess.run(command, capture_output=True, check=False)
+    if done.returncode:
+        raise OSError(f"initdb failed: {done.stderr.decode(errors='replace')}")
     with open(datadir / "postgresql.conf", "a") as conf:
         conf.write(
             f"listen_addresses = '127.0.0.1'\nport = {port}\n"

@@ -69,6 +69,8 @@ class Store:
         self.accounts = f'"{schema}".accounts'
         self.requests = f'"{schema}".requests'
         self._inflight: dict[str, Counter[str]] = {}
+        # Shown in pg_stat_activity: tests terminate exactly these backends.
+        self.application_name = f"bank:{schema}"
         self.saves = 0  # save attempts that reached the database
         self.conflicts = 0  # of which refused for a moved version or a retry
         self.connection_errors = 0
@@ -163,6 +165,7 @@ class AsyncpgStore(Store):
             # Statements are prepared per connection; a fresh connection after
             # a restart prepares them again.
             max_inactive_connection_lifetime=60,
+            server_settings={"application_name": self.application_name},
         )
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('bank ddl'))")
@@ -173,10 +176,10 @@ class AsyncpgStore(Store):
         if self.pool is not None:
             await self.pool.close()
 
-    def _broken(self, exc: BaseException) -> bool:
+    async def _broken(self, exc: BaseException) -> bool:
         if isinstance(exc, self._connection_errors):
             self.connection_errors += 1
-            self.pool.expire_connections()
+            await self.pool.expire_connections()  # returns at once
             return True
         return False
 
@@ -184,7 +187,7 @@ class AsyncpgStore(Store):
         try:
             return await self._load(account_id)
         except Exception as exc:
-            if not self._broken(exc):
+            if not await self._broken(exc):
                 raise
         # A read is safe to repeat: once, on a fresh connection.
         return await self._load(account_id)
@@ -225,7 +228,7 @@ class AsyncpgStore(Store):
             self.conflicts += 1
             raise
         except Exception as exc:
-            self._broken(exc)
+            await self._broken(exc)
             raise
 
     async def _write(self, conn: Any, account_id: str, account: Account) -> None:
@@ -297,7 +300,7 @@ class AsyncpgStore(Store):
                     await self._write(conn, account_id, account)
                 return reply
         except Exception as exc:
-            self._broken(exc)
+            await self._broken(exc)
             raise
 
     async def balance(self, account_id: str) -> int:
@@ -317,9 +320,11 @@ class PsycopgStore(Store):
     Runs on trio and asyncio alike (psycopg's own async API is asyncio only).
     A thread cannot be cancelled: the load is abandoned at the batch deadline
     (a read: nothing is lost), the save is waited for, so its outcome is known,
-    and `statement_timeout` bounds it. The pool checks a connection before
-    handing it out (`check_connection`), so connections killed by a PostgreSQL
-    restart or `pg_terminate_backend` are replaced instead of failing a batch.
+    and `statement_timeout` bounds it. Connections killed by a PostgreSQL
+    restart or `pg_terminate_backend` are found at the first error, and then
+    all replaced at once (`pool.check()`); a load that met one is tried again.
+    While the server is down, the pool reconnects in the background with a
+    backoff that starts at one second and doubles.
     """
 
     def __init__(
@@ -350,9 +355,11 @@ class PsycopgStore(Store):
             min_size=self.size,
             max_size=self.size,
             open=False,
-            check=ConnectionPool.check_connection,
             timeout=10,
-            kwargs={"options": f"-c statement_timeout={self.statement_timeout_ms}"},
+            kwargs={
+                "application_name": self.application_name,
+                "options": f"-c statement_timeout={self.statement_timeout_ms}",
+            },
         )
         self.pool.open(wait=True, timeout=30)
         with self.pool.connection() as conn, conn.transaction():
@@ -373,8 +380,33 @@ class PsycopgStore(Store):
             limiter=self.limiter,
         )
 
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        import psycopg
+
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError:
+            # The server restarted, or killed backends: test every idle
+            # connection now and replace the dead ones, rather than letting
+            # each of them fail a batch. (The pool's own `check=` option tests
+            # on every checkout, and after a failed test waits a second or
+            # more before the next: too slow to recover within a second.)
+            self.connection_errors += 1
+            self.pool.check()
+            raise
+
     def _load(self, account_id: str, keys: list[str]) -> Account:
-        with self.pool.connection() as conn:
+        import psycopg
+
+        try:
+            return self._read(account_id, keys)
+        except psycopg.OperationalError:
+            return self._read(account_id, keys)  # a read is safe to repeat
+
+    def _read(self, account_id: str, keys: list[str]) -> Account:
+        with self._connection() as conn:
             row = conn.execute(
                 f"SELECT balance, version FROM {self.accounts} WHERE id = %s",
                 (account_id,),
@@ -406,7 +438,7 @@ class PsycopgStore(Store):
     def _save(self, account_id: str, account: Account) -> None:
         # pool.connection() commits on a normal exit and rolls back when the
         # block raises, Conflict included.
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             if account.version == 0:
                 cursor = conn.execute(
                     f"INSERT INTO {self.accounts} (id, balance, version)"
