@@ -15,7 +15,7 @@ async with keybatch.open_processor(load=load, save=save, on_batch=tracer) as p:
 ```
 
 It needs only `opentelemetry-api`; without an SDK configured every call is a
-no-op. See [Monitoring](../monitoring.md) for what to watch.
+no-op. The Monitoring page of the docs says what to watch.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ async with keybatch.open_processor(
 
 Every series carries a `processor` label, the name given to `observe` and
 `hook`. Create each class once per registry: metric names are unique in a
-registry. See [Monitoring](../monitoring.md) for what to watch.
+registry. The Monitoring page of the docs says what to watch.
 """
 
 from __future__ import annotations
