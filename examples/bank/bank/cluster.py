@@ -233,14 +233,14 @@ def start_app(
         ]
     else:
         raise ValueError(f"unknown server {server!r}")
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(
-        command,
-        cwd=HERE,
-        env={**os.environ, **env},
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    with open(log or os.devnull, "ab") as out:  # the child keeps its own copy
+        process = subprocess.Popen(
+            command,
+            cwd=HERE,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     app = App(port, process, env, server)
     if wait:
         wait_for_app(app)
@@ -343,11 +343,12 @@ def start_nginx(
     user = "user root;" if os.geteuid() == 0 else ""
     conf = root / "nginx.conf"
     conf.write_text(NGINX_CONF.format(root=root, port=port, servers=servers, user=user))
-    process = subprocess.Popen(
-        [find_nginx(), "-c", str(conf), "-p", str(root)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "stderr.log", "ab"),  # noqa: SIM115
-    )
+    with open(root / "stderr.log", "ab") as err:
+        process = subprocess.Popen(
+            [find_nginx(), "-c", str(conf), "-p", str(root)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
 
     def listening() -> bool:
         if process.poll() is not None:
