@@ -155,7 +155,6 @@ def start_postgres(root: Path, port: int | None = None) -> Postgres:
         conf.write(
             f"listen_addresses = '127.0.0.1'\nport = {port}\n"
             f"unix_socket_directories = '{root}'\nmax_connections = 200\n"
-            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
         )
     pg = Postgres(
         f"postgresql://postgres@127.0.0.1:{port}/postgres", datadir, port, bindir, user
