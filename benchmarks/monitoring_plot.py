@@ -1,10 +1,10 @@
 """Draw what a monitoring dashboard shows, from a real run (docs/monitoring.md).
 
 ``python -m benchmarks.monitoring_plot [--out docs/img/monitoring_dashboard.png]
-[--seconds 38] [--backend trio|asyncio]`` (needs the ``bench`` and ``prometheus``
-extras).
+[--seconds 38] [--clock virtual|wall] [--backend trio|asyncio]`` (needs the
+``bench`` and ``prometheus`` extras).
 
-One processor runs for ``--seconds`` of wall-clock time on a simulated store
+One processor runs for ``--seconds`` on a simulated store
 (loads and saves are sleeps of a few milliseconds) under a load ramp, and the
 store turns slow for a while: saves take 4x longer and 1% of them hang past the
 batch deadline. Every 0.5 s the script scrapes a Prometheus registry fed by
@@ -14,6 +14,12 @@ dashboard's queries would: rates of the counters, the mean batch size, quantiles
 of the histograms (interpolated in their buckets, as PromQL's
 ``histogram_quantile`` does), and the gauges as they are. It prints a summary per
 phase and writes the figure.
+
+The clock is virtual by default (trio's ``MockClock``, autojumping): the processor,
+the hooks and the scrapes run for real, but time passes only in the store's
+sleeps and the processor's windows, so other work on the machine adds no noise
+and a run is reproducible. ``--clock wall`` runs on the real clock instead (then
+the run takes ``--seconds`` and the machine's load shows in it).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +70,7 @@ class Store:
         self.rng = rng
 
     def slow(self) -> bool:
-        return self.slow_from <= time.monotonic() < self.slow_to
+        return self.slow_from <= anyio.current_time() < self.slow_to
 
     async def load(self, key: str) -> list[int]:
         await anyio.sleep(LOAD_S * self.rng.lognormvariate(0, 0.3))
@@ -138,7 +143,7 @@ async def workload(seconds: float, seed: int) -> list[Scrape]:
     registry = CollectorRegistry()
     collector = StatisticsCollector(registry)
     histograms = BatchHistograms(registry)
-    started = time.monotonic()
+    started = anyio.current_time()
     store = Store(seconds, started, rng)
     scrapes: list[Scrape] = []
     offered = rejected = 0
@@ -159,7 +164,11 @@ async def workload(seconds: float, seed: int) -> list[Scrape]:
                 values, buckets = read(registry)
                 scrapes.append(
                     Scrape(
-                        time.monotonic() - started, offered, rejected, values, buckets
+                        anyio.current_time() - started,
+                        offered,
+                        rejected,
+                        values,
+                        buckets,
                     )
                 )
                 await anyio.sleep(SCRAPE)
@@ -167,7 +176,7 @@ async def workload(seconds: float, seed: int) -> list[Scrape]:
         async with anyio.create_task_group() as tg:
             tg.start_soon(scraper)
             tick, carry, last = 0.005, 0.0, 0.0
-            while (elapsed := time.monotonic() - started) < seconds:
+            while (elapsed := anyio.current_time() - started) < seconds:
                 carry += offered_rate(elapsed / seconds) * (elapsed - last)
                 last = elapsed
                 n, carry = int(carry), carry - int(carry)
@@ -381,12 +390,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/img/monitoring_dashboard.png")
     parser.add_argument("--seconds", type=float, default=38.0)
     parser.add_argument("--backend", choices=["trio", "asyncio"], default="trio")
+    parser.add_argument("--clock", choices=["virtual", "wall"], default="virtual")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--slow-factor", type=float, default=SLOW_FACTOR)
     parser.add_argument("--hang", type=float, default=HANG_P, help="hung saves' share")
     args = parser.parse_args(argv)
     globals().update(SLOW_FACTOR=args.slow_factor, HANG_P=args.hang)
-    scrapes = anyio.run(workload, args.seconds, args.seed, backend=args.backend)
+    options: dict[str, Any] = {}
+    if args.clock == "virtual":
+        if args.backend != "trio":
+            parser.error("--clock virtual needs --backend trio")
+        import trio.testing
+
+        options["clock"] = trio.testing.MockClock(autojump_threshold=0)
+    scrapes = anyio.run(
+        workload,
+        args.seconds,
+        args.seed,
+        backend=args.backend,
+        backend_options=options,
+    )
     series = derive(scrapes)
     summary(series, args.seconds)
     plot(series, args.seconds, args.out)
