@@ -1,0 +1,72 @@
+"""A one-shot signal that many tasks wait for, on trio or on asyncio.
+
+On trio it is ``trio.Event``. On asyncio, ``asyncio.Event`` (and anyio's Event,
+which wraps it) removes each waiter from a deque when it wakes, which costs
+O(waiters) per waiter; a window with a thousand callers would pay a million
+steps. :class:`FutureSignal` keeps a plain list of futures instead and never
+removes one: a cancelled waiter's future is cancelled, and ``set`` skips it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+__all__ = ["FutureSignal", "Signal", "signal_factory"]
+
+
+class Signal(Protocol):
+    """What the loader needs of an event: set it once, wait for it."""
+
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+    async def wait(self) -> object: ...
+
+
+class FutureSignal:
+    """A one-shot event on asyncio: one future per waiter, in a list."""
+
+    __slots__ = ("_loop", "_futures", "_set")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._futures: list[asyncio.Future[None]] = []
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        futures, self._futures = self._futures, []
+        for future in futures:
+            if not future.done():  # a cancelled waiter's future is done
+                future.set_result(None)
+
+    async def wait(self) -> None:
+        """Wait until set; return at once (no checkpoint) if it is set already.
+
+        Cancellation: raised here; the signal is unaffected.
+        """
+        if self._set:
+            return
+        future = self._loop.create_future()
+        self._futures.append(future)
+        await future
+
+
+def signal_factory() -> Callable[[], Signal]:
+    """Return the signal constructor for the running event loop."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        loop = asyncio.get_running_loop()
+        return lambda: FutureSignal(loop)
+    return trio.Event
