@@ -1,11 +1,9 @@
-"""PendingLoad: a load enqueued by ``load_nowait``, awaited later."""
+"""PendingLoad: a load enqueued by `load_nowait`, awaited later."""
 
 from __future__ import annotations
 
 from collections.abc import Generator, Hashable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
-
-import anyio
 
 from keybatch._util import NoPublicConstructor
 
@@ -24,7 +22,7 @@ class PendingLoad(Generic[V], metaclass=NoPublicConstructor):
     """A load enqueued by [`Loader.load_nowait`][keybatch.loader.Loader.load_nowait].
 
     Await it (or its [`result`][keybatch.loader.PendingLoad.result]) for the
-    value. It is enqueued the moment ``load_nowait`` returns, so a GraphQL
+    value. It is enqueued the moment `load_nowait` returns, so a GraphQL
     resolver can return it and its id still joins the current window. Built by
     the loader, never directly.
     """
@@ -36,7 +34,7 @@ class PendingLoad(Generic[V], metaclass=NoPublicConstructor):
     ) -> None:
         self._loader = loader
         self._id = id
-        self._window = window  # None: answered from the cache (``_value``)
+        self._window = window  # None: answered from the cache (`_value`)
         self._value = value
 
     def __repr__(self) -> str:
@@ -62,21 +60,19 @@ class PendingLoad(Generic[V], metaclass=NoPublicConstructor):
         Raises:
             KeyError: The mapping had no such id.
             LoadFailed: The mapping gave an exception for the id.
-            BatchLoadError: ``batch_load`` raised or returned no mapping.
+            BatchLoadError: `batch_load` raised or returned no mapping.
             keybatch.ProcessorStopped: The loader was torn down before the id
                 was loaded.
 
         Cancellation: cancelling the wait does not withdraw the id; it is still
-        loaded, and ``result()`` can be awaited again. This is always a
-        checkpoint.
+        loaded, and `result()` can be awaited again. Once the outcome is known
+        (see [`done`][keybatch.loader.PendingLoad.done]) it returns at once,
+        like a finished future, without yielding to other tasks.
         """
         window = self._window
         if window is None:
-            await anyio.lowlevel.checkpoint()
             return self._value  # type: ignore[no-any-return]
-        if window.state == DONE:
-            await anyio.lowlevel.checkpoint()
-        else:
+        if window.state != DONE:
             await window.signal.wait()
         return self._loader._outcome(window, self._id)
 

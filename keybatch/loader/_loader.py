@@ -48,6 +48,7 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         "_max_wait",
         "_max_batch",
         "_cache",
+        "_hit_cache",
         "_inflight",
         "_state",
         "_open",
@@ -86,6 +87,9 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         self._max_wait = max_wait
         self._max_batch = max_batch_size
         self._cache: dict[K, V] | None = {} if cache else None
+        # The cache while the loader runs (None otherwise): load's hit path
+        # reads one attribute. Loads answered by it count in _hits only.
+        self._hit_cache = self._cache
         # with the cache: id -> the window that will load it or is loading it
         self._inflight: dict[K, Window] = {}
         self._state = RUNNING
@@ -149,19 +153,29 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         Cancellation: before its window's `batch_load` started, the caller is
         withdrawn (an id nobody else waits for leaves the window). Once the
         call runs, it goes on for the other callers and fills the cache; only
-        this caller's value is lost. This is always a checkpoint.
+        this caller's value is lost. A load that waits is a checkpoint; a
+        cache hit returns at once, without yielding to other tasks and without
+        checking for cancellation (like awaiting a finished future).
         """
+        cache = self._hit_cache
+        if cache is not None:  # the hit path, inlined
+            value = cache.get(id, _MISSING)  # TypeError: unhashable
+            if value is not _MISSING:
+                self._hits += 1
+                return value  # type: ignore[no-any-return]
         window = self._enqueue(id)
-        if window is None:  # a cache hit
-            value = self._cache[id]  # type: ignore[index]
-            await anyio.lowlevel.checkpoint()
-            return value
+        if window is None:  # a cache hit (a nested load while closing)
+            return self._cache[id]  # type: ignore[index]
         try:
             await window.signal.wait()
         except BaseException:
             if window.state < LOADING:
                 self._withdraw(window, id)
             raise
+        if window.error is None:
+            value = window.values.get(id, _MISSING)
+            if value is not _MISSING and not isinstance(value, Exception):
+                return value  # type: ignore[no-any-return]
         return self._outcome(window, id)
 
     def load_nowait(self, id: K) -> PendingLoad[V]:
@@ -199,7 +213,7 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
 
         Cancellation: the ids whose window's `batch_load` has not started are
         withdrawn, as for `load`; the others are still loaded (and cached).
-        This is always a checkpoint.
+        As for `load`, it is a checkpoint unless every id was cached.
         """
         ids = list(ids)
         for id in ids:
@@ -218,18 +232,14 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
             cache[id] if window is None else None  # type: ignore[index]
             for id, window in zip(ids, windows, strict=True)
         ]
-        waited = False
         try:
             for i, (id, window) in enumerate(zip(ids, windows, strict=True)):
                 if window is None:
                     continue
                 if window.state != DONE:
-                    waited = True
                     await window.signal.wait()
                 values[i] = self._outcome(window, id)
                 windows[i] = None
-            if not waited:
-                await anyio.lowlevel.checkpoint()
         except BaseException:
             for id, window in zip(ids, windows, strict=True):
                 if window is not None and window.state < LOADING:
@@ -264,6 +274,9 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         """
         if self._cache is not None:
             self._cache.clear()
+        idle, self._idle = self._idle, []
+        for signal in idle:
+            signal.set()  # the idle workers see STOPPED and end
             self._inflight.clear()
         return self
 
@@ -295,7 +308,7 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
     def statistics(self) -> LoaderStatistics:
         """Return a snapshot of the loader's counters."""
         return LoaderStatistics(
-            loads=self._loads,
+            loads=self._loads + self._hits,
             cache_hits=self._hits,
             shared_loads=self._shared,
             batches=self._batches,
@@ -319,15 +332,17 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         if id is None:
             raise TypeError("a loader id cannot be None")
         hash(id)
-        chain = self._chain.get()
+        # Only a task inside batch_load has a chain: skip the lookup when no
+        # batch_load runs.
+        chain = self._chain.get() if self._in_flight else ()
         if self._state != RUNNING and not (chain and self._state == CLOSING):
             raise keybatch.ProcessorStopped("the loader is closed")
-        self._loads += 1
         cache = self._cache
+        if cache is not None and id in cache:
+            self._hits += 1
+            return None
+        self._loads += 1  # loads that are not hits
         if cache is not None:
-            if id in cache:
-                self._hits += 1
-                return None
             window = self._inflight.get(id)
             if window is not None:
                 if window.state == LOADING:
@@ -361,7 +376,10 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         return window
 
     def _open_window(self) -> Window:
-        window = Window(self._new_signal(), self._clock() + self._max_wait)
+        max_wait = self._max_wait
+        window = Window(
+            self._new_signal(), self._clock() + max_wait if max_wait else 0.0
+        )
         self._open = window
         self._unfinished += 1
         if self._idle:
@@ -430,33 +448,35 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
     async def _work(self, *, task_status: TaskStatus[None]) -> None:
         """One of the `concurrency` workers; reports itself started once parked.
 
-        Cancellation ends it (teardown), except during a batch_load, which is
-        shielded.
+        It runs shielded for its whole life: a batch_load in flight is never
+        cut short by the teardown, which instead wakes the idle workers and
+        lets them see that the loader stopped. (One shield per worker, not one
+        per batch: entering a cancel scope costs more than a small batch.)
         """
-        starting = True
-        while True:
-            window = None if starting else self._take()
-            if window is None:
-                signal = self._new_signal()
-                self._idle.append(signal)
-                if starting:
-                    task_status.started()
-                    starting = False
-                try:
+        with anyio.CancelScope(shield=True):
+            starting = True
+            while self._state != STOPPED:
+                window = None if starting else self._take()
+                if window is None:
+                    signal = self._new_signal()
+                    self._idle.append(signal)
+                    if starting:
+                        task_status.started()
+                        starting = False
                     await signal.wait()
-                finally:
-                    if not signal.is_set():
-                        self._idle.remove(signal)
-                continue
-            await self._serve(window)
+                    continue
+                await self._serve(window)
 
     async def _run_helper(self, window: Window) -> None:
+        # A helper for a window holding nested loads (see _help), shielded
+        # like a worker.
         if window.claimed or window.state >= LOADING:
             return  # a worker got to it first
         window.claimed = True
         if window.state == CLOSED:
             self._ready.remove(window)
-        await self._serve(window)
+        with anyio.CancelScope(shield=True):
+            await self._serve(window)
 
     async def _serve(self, window: Window) -> None:
         if window.state == OPEN:
@@ -464,15 +484,10 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
                 delay = window.deadline - self._clock()
                 if delay > 0:
                     wake = window.wake = self._new_signal()
-                    try:
-                        with anyio.move_on_after(delay):
-                            await wake.wait()
-                    except BaseException:  # teardown: the window dies with us
-                        window.error = keybatch.ProcessorStopped("torn down")
-                        if self._open is window:
-                            self._open = None
-                        self._finish(window)
-                        raise
+                    with anyio.move_on_after(delay):
+                        await wake.wait()
+                    if window.state == DONE:  # the loader stopped meanwhile
+                        return
             if window.state == OPEN:
                 self._open = None
                 window.state = CLOSED
@@ -486,8 +501,7 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         self._ids_loaded += len(ids)
         token = self._chain.set((*self._chain.get(), window))
         try:
-            with anyio.CancelScope(shield=True):
-                values = await self._batch_load(ids)  # type: ignore[arg-type]
+            values = await self._batch_load(ids)  # type: ignore[arg-type]
             if not isinstance(values, Mapping):
                 raise TypeError(
                     "batch_load must return a mapping from id to value, got"
@@ -519,20 +533,27 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         self, window: Window, ids: list[Any], values: Mapping[Any, Any]
     ) -> None:
         cache = self._cache
-        inflight = self._inflight
         missing = failed = 0
-        for id in ids:
-            value = values.get(id, _MISSING)
-            if value is _MISSING:
-                missing += 1
-            elif isinstance(value, Exception):
-                failed += 1
-            elif cache is not None and inflight.get(id) is window:
-                cache[id] = value
-        if cache is not None:
+        if cache is None:
             for id in ids:
-                if inflight.get(id) is window:
+                value = values.get(id, _MISSING)
+                if value is _MISSING:
+                    missing += 1
+                elif isinstance(value, Exception):
+                    failed += 1
+        else:
+            inflight = self._inflight
+            for id in ids:
+                value = values.get(id, _MISSING)
+                mine = inflight.get(id) is window
+                if mine:  # not cleared meanwhile, not loaded again since
                     del inflight[id]
+                if value is _MISSING:
+                    missing += 1
+                elif isinstance(value, Exception):
+                    failed += 1
+                elif mine:
+                    cache[id] = value
         self._missing += missing
         self._failed_ids += failed
 
@@ -546,6 +567,8 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
                     del inflight[id]
         window.state = DONE
         window.signal.set()
+        if window.wake is not None:
+            window.wake.set()  # its worker stops waiting for max_wait
         self._unfinished -= 1
         if self._unfinished == 0 and self._all_done is not None:
             self._all_done.set()
@@ -558,6 +581,7 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         Cancellation: raised here (the caller tears down).
         """
         self._state = CLOSING
+        self._hit_cache = None
         window = self._open
         if window is not None:
             self._close_open(window)
@@ -569,6 +593,7 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         """Teardown: the windows not loading fail with ProcessorStopped; the
         loader answers nothing any more (cache dropped)."""
         self._state = STOPPED
+        self._hit_cache = None
         stopped = keybatch.ProcessorStopped("the loader was torn down")
         windows = list(self._ready)
         self._ready.clear()
@@ -581,3 +606,6 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
                 self._finish(window)
         if self._cache is not None:
             self._cache.clear()
+        idle, self._idle = self._idle, []
+        for signal in idle:
+            signal.set()  # the idle workers see STOPPED and end

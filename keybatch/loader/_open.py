@@ -126,8 +126,7 @@ async def _open(
             try:
                 await loader._drain()
             finally:
-                loader._stop()
-            tg.cancel_scope.cancel()  # the parked workers
+                loader._stop()  # the workers end
     except BaseExceptionGroup as group:
         fatal = loader._fatal if loader is not None else None
         if fatal is not None:

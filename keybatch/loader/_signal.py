@@ -10,7 +10,7 @@ removes one: a cancelled waiter's future is cancelled, and ``set`` skips it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -25,7 +25,7 @@ class Signal(Protocol):
 
     def set(self) -> None: ...
 
-    async def wait(self) -> object: ...
+    def wait(self) -> Awaitable[object]: ...
 
 
 class FutureSignal:
@@ -50,16 +50,19 @@ class FutureSignal:
             if not future.done():  # a cancelled waiter's future is done
                 future.set_result(None)
 
-    async def wait(self) -> None:
-        """Wait until set; return at once (no checkpoint) if it is set already.
+    def wait(self) -> Awaitable[None]:
+        """Return a future to await until the signal is set (a done one if it
+        is set already: awaiting it then does not yield).
 
-        Cancellation: raised here; the signal is unaffected.
+        A plain method returning a future, not a coroutine: one frame less per
+        waiter. Cancellation of the awaiting task cancels its own future only.
         """
-        if self._set:
-            return
         future = self._loop.create_future()
-        self._futures.append(future)
-        await future
+        if self._set:
+            future.set_result(None)
+        else:
+            self._futures.append(future)
+        return future
 
 
 def signal_factory() -> Callable[[], Signal]:
