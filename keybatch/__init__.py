@@ -2,15 +2,18 @@
 
 All operations on one key go to one worker task, chosen by an mmh3 hash of the
 key. Per key, a batch loads the resource once, applies every operation that
-arrives during its window in arrival order, saves once, and gives every caller
+arrives during its window in call order, saves once, and gives every caller
 its own result or its own exception.
 """
+
+from importlib.metadata import PackageNotFoundError as _NotFound
+from importlib.metadata import version as _version
 
 from ._errors import (
     BatchError,
     Conflict,
-    KeyBusy,
     KeybatchError,
+    KeyBusy,
     LoadError,
     Overloaded,
     ProcessorStopped,
@@ -20,6 +23,7 @@ from ._pending import Pending
 from ._processor import Processor, open_processor
 from ._records import BatchReport, ProcessorStatistics
 from ._routing import worker_for_key
+from ._util import publish as _publish
 
 __all__ = [
     "BatchError",
@@ -40,15 +44,14 @@ __all__ = [
     "worker_for_key",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("keybatch")
+except _NotFound:  # pragma: no cover - running from a tree that is not installed
+    __version__ = "0+unknown"
 
 # Batchers built on the public API above: imported after it (they import keybatch).
 from .loader import open_loader
 from .writer import open_writer
 
 # Public names say they live here, as in trio.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("keybatch._"):
-        _obj.__module__ = "keybatch"
-del _name, _obj
+_publish(globals())

@@ -1,35 +1,32 @@
-"""open_processor() and Processor: options, routing, run/submit, stop."""
+"""The facade: open_processor() and Processor.
+
+A call is validated, routed to its worker, accepted by the engine (or queued for
+room under `max_pending`), and then its caller parks in the backend:
+`return await backend.wait(slot)`. Every state change happens in the engine.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from functools import partial
+from contextvars import copy_context
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, final, overload
 
 import anyio
-from trio import Event as _TrioEvent
 
-from ._batch import OPEN, Group, KeyState
-from ._errors import Overloaded, ProcessorStopped
-from ._pending import QUEUED, VALUE, Pending
+from ._admission import Waiter
+from ._backends import current_backend
+from ._engine import Engine, EngineState, Worker
+from ._errors import KeyBusy, Overloaded, ProcessorStopped
+from ._model import KeyPhase, Options, SlotState
+from ._pending import Pending
 from ._records import BatchReport, ProcessorStatistics
 from ._routing import _route
-from ._util import (
-    ASYNC_FLAGS,
-    AsyncioEvent,
-    NoPublicConstructor,
-    Room,
-    backend_primitives,
-    foreign_loop_error,
-    is_async_callable,
-)
-from ._worker import Worker
+from ._util import ASYNC_FLAGS, NoPublicConstructor, is_async_callable
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -40,226 +37,37 @@ R = TypeVar("R")
 T = TypeVar("T")
 P = ParamSpec("P")
 
-# Slots are built without calling Pending's constructor: the hot path.
-_new_slot = object.__new__
-# asyncio.current_task is written in Python before 3.12; its table is not.
-_current_task: Callable[[Any], Any] = getattr(asyncio.tasks, "_current_tasks", {}).get
-if sys.version_info >= (3, 12) or not isinstance(
-    getattr(asyncio.tasks, "_current_tasks", None), dict
-):  # pragma: no cover
-    _current_task = asyncio.current_task
-_get_running_loop = asyncio._get_running_loop
+RUNNING = EngineState.RUNNING
 _get_ident = threading.get_ident
-_CancelledError = asyncio.CancelledError
 
 
 @final
 class Processor(Generic[R], metaclass=NoPublicConstructor):
-    """Batches operations per key; built by :func:`open_processor`.
+    """Batches operations per key; built by [`open_processor`][keybatch.open_processor].
 
-    ``R`` is the type of the resource that ``load`` returns and operations receive.
+    `R` is the type of the resource that `load` returns and operations receive.
     """
 
-    __slots__ = (
-        "_load",
-        "_save",
-        "_min_duration",
-        "_max_duration",
-        "_max_ops",
-        "_max_pending",
-        "_on_batch",
-        "_router",
-        "_nworkers",
-        "_workers",
-        "_stopping",
-        "_all_stopped",
-        "_running_workers",
-        "_new_event",
-        "_clock",
-        "_aborting",
-        "_cancelled",
-        "_thread",
-        "_cancel_scope",
-        "_room",
-        "_pending",
-        "_keys",
-        "_active",
-        "_done",
-        "_batches",
-        "_load_failures",
-        "_save_failures",
-        "_op_failures",
-        "_withdrawn",
-    )
+    __slots__ = ("_engine", "_thread", "_max_pending", "_router", "_workers", "_wait")
 
-    def __init__(
-        self,
-        load: Callable[[Any], Awaitable[Any]] | None,
-        save: Callable[[Any, Any], Awaitable[object]] | None,
-        min_duration: float,
-        max_duration: float | None,
-        workers: int,
-        router: Callable[[Any, int], int] | None,
-        max_ops: int | None,
-        max_pending: int | None,
-        on_batch: Callable[[BatchReport], object] | None,
-    ) -> None:
-        self._load = load
-        self._save = save
-        self._min_duration = min_duration
-        self._max_duration = max_duration
-        self._max_ops = max_ops
-        self._max_pending = max_pending
-        self._on_batch = on_batch
-        self._router = router
-        self._nworkers = workers
-        self._workers = [Worker(self, i) for i in range(workers)]
-        self._stopping = False
-        self._aborting = False
-        self._all_stopped: Any = None
-        self._running_workers = 0
-        self._new_event, self._clock, self._cancel_scope = backend_primitives()
-        self._cancelled = anyio.get_cancelled_exc_class()
-        self._thread = threading.get_ident()
-        self._room = Room()
-        self._pending = 0
-        self._keys = 0
-        self._active = 0
-        self._done = 0
-        self._batches = 0
-        self._load_failures = 0
-        self._save_failures = 0
-        self._op_failures = 0
-        self._withdrawn = 0
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._thread = _get_ident()
+        self._max_pending = engine.options.max_pending
+        self._router = engine.options.router
+        self._workers = engine.workers
+        self._wait = engine.backend.wait
 
     def __repr__(self) -> str:
-        state = "stopping" if self._stopping else "running"
+        engine = self._engine
         return (
-            f"<keybatch.Processor {state} workers={self._nworkers}"
-            f" pending={self._pending}>"
+            f"<keybatch.Processor {engine.state.value} workers={len(self._workers)}"
+            f" pending={engine.counters.pending}>"
         )
 
-    async def run(
-        self,
-        key: Hashable,
-        op: Callable[Concatenate[R, P], T],
-        /,
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
-        """Apply ``op(resource, *args, **kwargs)`` in the key's next batch.
-
-        The operation runs in the worker that owns ``key``, after the operations on
-        ``key`` that were run or submitted before it, on the resource the batch
-        loaded; ``run`` returns once that batch was saved.
-
-        Args:
-            key: Selects the resource and the worker. str or bytes with the
-                default router.
-            op: A plain (non-async) callable; gets the resource, then ``args``
-                and ``kwargs``.
-
-        Returns:
-            What ``op`` returned.
-
-        Raises:
-            Exception: What ``op`` raised (only this caller gets it; the batch
-                goes on and saves the other operations' effects).
-            LoadError: The batch's load failed; ``op`` was not applied.
-            SaveError: The batch's save failed; ``op``'s effect was not saved.
-            ProcessorStopped: The processor is stopping, or was torn down
-                before ``op`` was applied.
-            TypeError: ``op`` is an async function, or ``key`` has a type the
-                router refuses.
-            ValueError: ``key`` is a str that is not UTF-8 encodable.
-
-        Cancellation: if ``op`` was not applied yet, it is withdrawn and will
-        never be applied. If it was applied already (its batch closed and is
-        saving), the cancellation is raised here but the effect stays and is
-        saved with its batch; only the result is lost. With ``max_pending``,
-        cancelling a wait for room enqueues nothing. This is always a checkpoint.
-        """
-        if self._max_pending is not None and self._pending >= self._max_pending:
-            await self._wait_for_room()
-        slot: Pending[T] = self._enqueue(key, op, args, kwargs)
-        event = slot._group.event
-        if type(event) is AsyncioEvent:
-            # asyncio's fast path: AsyncioEvent.wait inlined (see its docstring).
-            task: Any = _current_task(event._loop)
-            if task is not None and not task.cancelling():
-                while not event._flag:
-                    future = event._future
-                    if future is None or future.done():
-                        future = event.shared_future()
-                    try:
-                        await future
-                    except _CancelledError:
-                        if task.cancelling() or not future.cancelled():
-                            if slot._state == QUEUED:  # never applied
-                                slot._withdraw()
-                            raise
-                        # else another waiter's cancellation: wait again
-                    except BaseException as exc:
-                        if slot._state == QUEUED:
-                            slot._withdraw()
-                        if not future.done() and future._asyncio_future_blocking:
-                            # Awaited by another event loop (trio.run() inside an
-                            # asyncio task): unblock the shared future, or every
-                            # other caller of the batch fails on it.
-                            future._asyncio_future_blocking = False
-                            raise foreign_loop_error() from exc
-                        raise
-                if slot._state == VALUE:  # the common case, without a call
-                    return slot._outcome  # type: ignore[no-any-return]
-                return slot._unwrap()
-        elif type(event) is _TrioEvent and _get_running_loop() is not None:
-            # asyncio.run() inside a trio task: trio would park the wrong task.
-            slot._withdraw()
-            raise foreign_loop_error()
-        try:
-            await event.wait()
-        except BaseException:
-            if slot._state == QUEUED:  # never applied
-                slot._withdraw()
-            raise
-        if slot._state == VALUE:  # the common case, without a call
-            return slot._outcome  # type: ignore[no-any-return]
-        return slot._unwrap()
-
-    def submit(
-        self,
-        key: Hashable,
-        op: Callable[Concatenate[R, P], T],
-        /,
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> Pending[T]:
-        """Enqueue ``op`` like :meth:`run` without waiting; return its :class:`Pending`.
-
-        The operation is applied and saved whether or not anyone awaits
-        ``Pending.result()``.
-
-        Raises:
-            Overloaded: ``max_pending`` accepted operations are unfinished.
-            ProcessorStopped: The processor is stopping.
-            TypeError, ValueError: As for :meth:`run`.
-        """
-        if self._max_pending is not None and self._pending >= self._max_pending:
-            if self._stopping:
-                raise ProcessorStopped("the processor is stopping")
-            raise Overloaded(
-                f"max_pending={self._max_pending} operations are unfinished"
-            )
-        return self._enqueue(key, op, args, kwargs)
-
-    def _enqueue(
-        self,
-        key: Hashable,
-        op: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Pending[Any]:
-        if self._stopping:
+    def _prepare(self, key: Hashable, op: Callable[..., Any]) -> Worker:
+        """Refuse a call that cannot be accepted; return the key's worker."""
+        if self._engine.state is not RUNNING:
             raise ProcessorStopped("the processor is stopping")
         if _get_ident() != self._thread:
             raise RuntimeError(
@@ -278,61 +86,132 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
                 f"op must be a plain function, got async {op!r}; do the I/O in"
                 " load/save and keep operations synchronous"
             )
+        workers = self._workers
         router = self._router
         if router is None:
-            index = _route(key, self._nworkers)
-        else:
-            index = router(key, self._nworkers)
-            if type(index) is not int or not 0 <= index < self._nworkers:
-                raise ValueError(
-                    f"worker_for_key returned {index!r} for key {key!r};"
-                    f" expected an int in range({self._nworkers})"
-                )
-        worker = self._workers[index]
-        st = worker.keys.get(key)
-        if st is None:
-            st = KeyState(key, worker, self._clock())
-            worker.keys[key] = st
-            self._keys += 1
-            group = Group(st, self._new_event())
-            st.groups.append(group)
-            worker.schedule(st)
-        else:
-            groups = st.groups
-            max_ops = self._max_ops
-            if not groups or (max_ops is not None and len(groups[-1].slots) >= max_ops):
-                group = Group(st, self._new_event())
-                groups.append(group)
-            else:
-                group = groups[-1]
-        slot: Pending[Any] = _new_slot(Pending)
-        slot._op = op
-        slot._args = args
-        slot._kwargs = kwargs
-        slot._state = QUEUED
-        slot._outcome = None
-        slot._group = group
-        slots = group.slots
-        slots.append(slot)
-        group.live += 1
-        self._pending += 1
-        max_ops = self._max_ops
-        if (
-            max_ops is not None
-            and len(slots) == max_ops
-            and st.phase == OPEN
-            and group is st.groups[0]
-        ):
-            worker.schedule(st)  # the open batch is full: close it now
-        return slot
+            return workers[_route(key, len(workers))]
+        index = router(key, len(workers))
+        if type(index) is not int or not 0 <= index < len(workers):
+            raise ValueError(
+                f"worker_for_key returned {index!r} for key {key!r};"
+                f" expected an int in range({len(workers)})"
+            )
+        return workers[index]
 
-    async def _wait_for_room(self) -> None:
-        max_pending = self._max_pending
-        assert max_pending is not None
-        while self._pending >= max_pending:
-            if self._stopping:
-                raise ProcessorStopped("the processor is stopping")
-            await self._room.wait(self._new_event())
+    async def run(
+        self,
+        key: Hashable,
+        op: Callable[Concatenate[R, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Apply `op(resource, *args, **kwargs)` in the key's next batch.
+
+        The operation runs in the worker that owns `key`, after the operations on
+        `key` that were run or submitted before it, on the resource the batch
+        loaded, in a copy of the caller's `contextvars` context (what it sets
+        stays in the copy); `run` returns once that batch was saved.
+
+        Args:
+            key: Selects the resource and the worker. str or bytes with the
+                default router.
+            op: A plain (non-async) callable; gets the resource, then `args`
+                and `kwargs`.
+
+        Returns:
+            What `op` returned.
+
+        Raises:
+            Exception: What `op` raised (only this caller gets it; the batch
+                goes on and saves the other operations' effects).
+            LoadError: The batch's load failed; `op` was not applied.
+            SaveError: The batch's save did not complete. `may_have_landed`
+                says whether the write may have reached the store anyway.
+            ProcessorStopped: The processor is stopping, or was torn down
+                before `op` was applied.
+            TypeError: `op` is an async function, or `key` has a type the
+                router refuses.
+            ValueError: `key` is a str that is not UTF-8 encodable.
+
+        Cancellation: if `op` was not applied yet, it is withdrawn and will
+        never be applied. If it was applied already (its batch closed and is
+        saving), the cancellation is raised here but the effect stays and is
+        saved with its batch; only the result is lost. With `max_pending`,
+        cancelling a wait for room enqueues nothing. This is always a checkpoint.
+        """
+        worker = self._prepare(key, op)
+        engine = self._engine
+        limit = self._max_pending
+        if limit is not None and (
+            engine.counters.pending >= limit or engine.admission.waiting
+        ):
+            slot = await self._wait_for_room(worker, key, op, args, kwargs)
+        else:
+            slot = engine.accept(worker, key, op, args, kwargs, copy_context())
+        return await self._wait(slot)  # type: ignore[no-any-return]
+
+    async def _wait_for_room(
+        self,
+        worker: Worker,
+        key: Hashable,
+        op: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Pending[Any]:
+        engine = self._engine
+        waiter = Waiter(
+            worker, key, op, args, kwargs, copy_context(), engine.new_event()
+        )
+        engine.admission.push(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            slot = waiter.slot
+            if slot is None:
+                if not waiter.refused:
+                    engine.admission.cancel(waiter)
+            elif slot._state is SlotState.QUEUED:
+                engine.withdraw(slot)  # admitted, not applied: take it back
+            raise
+        if waiter.refused:
+            raise ProcessorStopped("the processor is stopping")
+        return waiter.slot  # type: ignore[no-any-return]
+
+    def submit(
+        self,
+        key: Hashable,
+        op: Callable[Concatenate[R, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Pending[T]:
+        """Enqueue `op` like [`run`][keybatch.Processor.run] without waiting.
+
+        The operation is applied and saved whether or not anyone awaits
+        [`Pending.result()`][keybatch.Pending.result].
+
+        Raises:
+            Overloaded: `max_pending` accepted operations are unfinished, or
+                callers are waiting for room (the room freed next is theirs).
+            ProcessorStopped: The processor is stopping.
+            TypeError, ValueError: As for [`run`][keybatch.Processor.run].
+        """
+        worker = self._prepare(key, op)
+        engine = self._engine
+        limit = self._max_pending
+        if limit is not None and (
+            engine.counters.pending >= limit or engine.admission.waiting
+        ):
+            raise Overloaded(
+                f"max_pending={limit} operations are unfinished"
+                + (
+                    f" and {engine.admission.waiting} callers wait for room"
+                    if engine.admission.waiting
+                    else ""
+                )
+            )
+        return engine.accept(worker, key, op, args, kwargs, copy_context())
 
     async def flush(self) -> None:
         """Close every batch now and wait for the operations accepted so far.
@@ -340,79 +219,133 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         Batches whose window is open close at once; operations queued for a key
         whose batch is saving, or not loaded yet, get a batch that closes as
         soon as it is loaded. Returns once every operation accepted before the
-        call has its outcome (saved, or failed: ``flush`` itself raises nothing
+        call has its outcome (saved, or failed: `flush` itself raises nothing
         about them). Operations accepted during the flush keep normal windows.
+        Operations queued behind an [`exclusive`][keybatch.Processor.exclusive]
+        section wait for it.
 
         Cancellation: stops the wait; the batches closed early stay closed.
         This is always a checkpoint.
         """
-        if threading.get_ident() != self._thread:
-            raise RuntimeError("keybatch: flush() called from a foreign thread")
-        events = []
-        for worker in self._workers:
-            for st in worker.keys.values():
-                if st.closing is not None:
-                    events.append(st.closing.event)
-                for group in st.groups:
-                    group.urgent = True
-                    events.append(group.event)
-                if st.phase == OPEN:
-                    worker.schedule(st)
-        await anyio.lowlevel.checkpoint()
+        self._check_thread("flush")
+        events = self._engine.flush_events()
+        await self._engine.backend.checkpoint()
         for event in events:
             if not event.is_set():
                 await event.wait()
 
+    @asynccontextmanager
+    async def exclusive(
+        self,
+        *keys: Hashable,
+        wait: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 - the documented API
+    ) -> AsyncIterator[None]:
+        """Hold `keys` for the block: no batch of them runs until it exits.
+
+        On entry, every operation on those keys called before it finishes first
+        (applied and saved, or failed); then the keys are held. Operations
+        called while the section waits or holds are queued in call order and
+        run after it: nothing is lost. Several keys are taken together, without
+        deadlock (every section queues on all its keys at once, so sections
+        meet every key in the same order).
+
+        Args:
+            keys: The keys to hold (routed like [`run`][keybatch.Processor.run]).
+            wait: False raises [`KeyBusy`][keybatch.KeyBusy] at once if a key is
+                busy: it has queued operations, a batch in flight, or another
+                section.
+            timeout: Seconds to wait for the keys; then
+                [`KeyBusy`][keybatch.KeyBusy] names the keys not yet reached.
+
+        Raises:
+            KeyBusy: As above; nothing is held.
+            ProcessorStopped: The processor is stopping, or was torn down while
+                the section waited.
+
+        Cancellation: cancelling the wait, or the block, releases the keys.
+        A graceful stop waits for held sections to end. Entering is always a
+        checkpoint.
+        """
+        engine = self._engine
+        if not keys:
+            raise TypeError("exclusive() needs at least one key")
+        routed: list[tuple[Worker, Hashable]] = []
+        seen = set()
+        for key in keys:
+            worker = self._prepare(key, _noop)
+            if key not in seen:
+                seen.add(key)
+                routed.append((worker, key))
+        if not wait:
+            busy = [key for worker, key in routed if engine.busy(worker, key)]
+            if busy:
+                raise KeyBusy(busy)
+        section = engine.open_section(routed)
+        try:
+            if section.held:
+                await engine.backend.checkpoint()
+            elif timeout is None:
+                await section.event.wait()
+            else:
+                deadline = engine.clock() + timeout
+                with engine.backend.cancel_scope(deadline=deadline):
+                    await section.event.wait()
+            if section.failed:
+                raise ProcessorStopped("the processor is stopping")
+            if not section.held:
+                raise KeyBusy(
+                    [
+                        st.key
+                        for st in section.states
+                        if not (st.queue and st.queue[0] is section)
+                        or st.phase is not KeyPhase.HELD
+                    ]
+                )
+            yield
+        finally:
+            engine.release_section(section)
+
     def statistics(self) -> ProcessorStatistics:
-        """Return a snapshot of the processor's counters."""
-        return ProcessorStatistics(
-            workers=self._nworkers,
-            keys=self._keys,
-            active_batches=self._active,
-            pending_operations=self._pending,
-            operations_done=self._done,
-            batches_done=self._batches,
-            load_failures=self._load_failures,
-            save_failures=self._save_failures,
-            operation_failures=self._op_failures,
-            operations_withdrawn=self._withdrawn,
-            stopping=self._stopping,
+        """Return a snapshot of the processor's counters (a frozen record)."""
+        engine = self._engine
+        return engine.counters.statistics(
+            workers=len(self._workers),
+            stopping=engine.state is not RUNNING,
+            max_worker_queue=max(w.queued_operations() for w in self._workers),
         )
 
-    def _begin_stop(self) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
-        for worker in self._workers:
-            worker.begin_stop()
-        self._room.wake_all()
+    def _check_thread(self, what: str) -> None:
+        if _get_ident() != self._thread:
+            raise RuntimeError(f"keybatch: {what}() called from a foreign thread")
 
     async def aclose(self) -> None:
-        """Stop gracefully; the same as leaving the ``async with`` block.
+        """Stop gracefully; the same as leaving the `async with` block.
 
-        New calls raise :class:`ProcessorStopped` at once. Open batches close
-        now; every operation accepted before the stop is applied and saved (or
-        its caller gets the error), including the ones queued behind a batch
-        that is saving. Returns once every worker task has exited and no key
-        state is left. Calling it again, or after the block, returns at once.
+        New calls raise [`ProcessorStopped`][keybatch.ProcessorStopped] at
+        once, and so do callers waiting for room. Open batches close now; every
+        operation accepted before the stop is applied and saved (or its caller
+        gets the error), including the ones queued behind a batch that is
+        saving or behind an exclusive section (which the stop waits for).
+        Returns once every worker task has exited and no key state is left.
+        Calling it again, or after the block, returns at once. Called from
+        another thread it raises `RuntimeError` and changes nothing.
 
-        Cancellation: cancelling ``aclose`` stops the wait, not the stop: the
+        Cancellation: cancelling `aclose` stops the wait, not the stop: the
         workers go on draining inside the processor's task group.
         """
-        self._begin_stop()
-        done = self._all_stopped
-        if done is None or done.is_set():
-            await anyio.lowlevel.checkpoint()
+        self._check_thread("aclose")
+        engine = self._engine
+        engine.begin_stop(abort=False)
+        done = engine.all_stopped
+        if done.is_set():
+            await engine.backend.checkpoint()
         else:
             await done.wait()
 
-    async def _work(self, worker: Worker) -> None:
-        try:
-            await worker.run()
-        finally:
-            self._running_workers -= 1
-            if self._running_workers == 0:
-                self._all_stopped.set()
+
+def _noop(resource: object) -> None:
+    return None
 
 
 @overload
@@ -427,6 +360,7 @@ def open_processor(
     max_ops: int | None = None,
     max_pending: int | None = None,
     on_batch: Callable[[BatchReport], object] | None = None,
+    max_replays: int = 3,
 ) -> AbstractAsyncContextManager[Processor[R]]: ...
 
 
@@ -442,6 +376,7 @@ def open_processor(
     max_ops: int | None = None,
     max_pending: int | None = None,
     on_batch: Callable[[BatchReport], object] | None = None,
+    max_replays: int = 3,
 ) -> AbstractAsyncContextManager[Processor[None]]: ...
 
 
@@ -456,41 +391,54 @@ def open_processor(
     max_ops: int | None = None,
     max_pending: int | None = None,
     on_batch: Callable[[BatchReport], object] | None = None,
+    max_replays: int = 3,
 ) -> AbstractAsyncContextManager[Processor[Any]]:
-    """Open a batch processor: an async context manager yielding a :class:`Processor`.
+    """Open a batch processor: an async context manager yielding a `Processor`.
 
-    ``async with open_processor(...) as processor:`` starts ``workers`` worker
-    tasks; leaving the block stops gracefully (see :meth:`Processor.aclose`). If
-    the block raises or is cancelled, the workers are cancelled instead: saves in
-    progress still finish (shielded, bounded by ``max_duration``), and operations
-    not applied yet fail with :class:`ProcessorStopped`.
+    `async with open_processor(...) as processor:` starts `workers` worker
+    tasks; leaving the block stops gracefully (see
+    [`Processor.aclose`][keybatch.Processor.aclose]). If the block raises or
+    is cancelled, the workers are cancelled instead: saves in progress still
+    finish (shielded, bounded by `max_duration`), and operations not applied
+    yet fail with [`ProcessorStopped`][keybatch.ProcessorStopped].
+
+    `load`, `save` and `on_batch` run in the worker tasks, in the contextvars
+    context in which `open_processor` was entered; each operation runs in a
+    copy of its caller's context.
 
     Args:
-        load: ``async load(key) -> resource``; called once per batch. Default:
-            the resource is None.
-        save: ``async save(key, resource)``; called once per batch in which an
-            operation was applied. Default: nothing is saved.
+        load: `async load(key) -> resource`; called once per batch (again on a
+            replay). Default: the resource is None.
+        save: `async save(key, resource)`; called once per batch in which an
+            operation was applied. It may raise [`Conflict`][keybatch.Conflict]
+            when the stored version moved. Default: nothing is saved.
         min_duration: Seconds a batch stays open, counted from its start. 0
             closes it as soon as the operations queued so far are applied.
         max_duration: Deadline of load plus save, counted from the batch start.
-            Default ``2 * min_duration``; None with ``min_duration=0`` means no
+            Default `2 * min_duration`; None with `min_duration=0` means no
             deadline. Enforced by cancellation: a load or save that reaches no
             cancellable await after the deadline (a running thread that is not
             abandoned, say) and then returns normally counts as on time.
         workers: Number of worker tasks, which bounds the loads and saves in
             flight. Default 16 x CPU count.
-        worker_for_key: ``(key, workers) -> index`` router. Default
-            :func:`keybatch.worker_for_key` (str or bytes keys).
+        worker_for_key: `(key, workers) -> index` router. Default
+            [`keybatch.worker_for_key`][keybatch.worker_for_key] (str or bytes keys).
         max_ops: Close a batch early once it holds this many operations.
-        max_pending: Bound on accepted, unfinished operations: ``run`` waits
-            for room, ``submit`` raises :class:`Overloaded`.
-        on_batch: Plain callable given a :class:`BatchReport` after each batch.
-            Exceptions it raises are logged and ignored.
+        max_pending: Bound on accepted, unfinished operations: `run` waits for
+            room (first come, first served), `submit` raises
+            [`Overloaded`][keybatch.Overloaded].
+        on_batch: Plain callable given a [`BatchReport`][keybatch.BatchReport]
+            after each batch. Exceptions it raises are logged (WARNING, logger
+            `keybatch`) and ignored.
+        max_replays: How many times a batch whose save raised
+            [`Conflict`][keybatch.Conflict] loads and applies again before its
+            callers get a [`SaveError`][keybatch.SaveError]. Operations must
+            be pure functions of the resource: a replay calls them again.
 
     Raises:
-        ValueError: A negative duration, ``max_duration < min_duration``, or a
-            count below 1.
-        TypeError: ``load``/``save`` is not an async callable, or a hook or
+        ValueError: A negative duration, `max_duration < min_duration`, or a
+            count below its minimum.
+        TypeError: `load`/`save` is not an async callable, or a hook or
             router is not a plain callable.
     """
     nworkers = _validate(
@@ -503,23 +451,23 @@ def open_processor(
         max_ops,
         max_pending,
         on_batch,
+        max_replays,
     )
     if max_duration is None and min_duration > 0:
         max_duration = 2 * min_duration
-    return _open(
-        partial(
-            Processor._create,
-            load,
-            save,
-            float(min_duration),
-            None if max_duration is None else float(max_duration),
-            nworkers,
-            worker_for_key,
-            max_ops,
-            max_pending,
-            on_batch,
-        )
+    options = Options(
+        load=load,
+        save=save,
+        min_duration=float(min_duration),
+        max_duration=None if max_duration is None else float(max_duration),
+        workers=nworkers,
+        router=worker_for_key,
+        max_ops=max_ops,
+        max_pending=max_pending,
+        on_batch=on_batch,
+        max_replays=max_replays,
     )
+    return _open(options)
 
 
 def _validate(
@@ -532,6 +480,7 @@ def _validate(
     max_ops: object,
     max_pending: object,
     on_batch: object,
+    max_replays: object,
 ) -> int:
     for name, fn in (("load", load), ("save", save)):
         if fn is not None and not (callable(fn) and is_async_callable(fn)):
@@ -554,40 +503,42 @@ def _validate(
         )
     if workers is None:
         workers = 16 * (os.cpu_count() or 1)
-    for name, value in (
-        ("workers", workers),
-        ("max_ops", max_ops),
-        ("max_pending", max_pending),
+    for name, value, least in (
+        ("workers", workers, 1),
+        ("max_ops", max_ops, 1),
+        ("max_pending", max_pending, 1),
+        ("max_replays", max_replays, 0),
     ):
-        if value is None:
+        if value is None and name != "max_replays" and name != "workers":
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value!r}")
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value!r}")
     return workers  # type: ignore[return-value]
 
 
 @asynccontextmanager
-async def _open(create: Callable[[], Processor[Any]]) -> AsyncIterator[Processor[Any]]:
-    proc = create()  # in the event loop: it picks the backend's primitives
-    proc._all_stopped = proc._new_event()
+async def _open(options: Options) -> AsyncIterator[Processor[Any]]:
+    # In the event loop: the backend is picked once, from the running loop.
+    engine = Engine(options, current_backend())
+    proc: Processor[Any] = Processor._create(engine)
     body_error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
-            proc._running_workers = proc._nworkers
-            for worker in proc._workers:
+            engine.running = len(engine.workers)
+            for worker in engine.workers:
                 tg.start_soon(
-                    proc._work, worker, name=f"keybatch worker {worker.index}"
+                    engine.run_worker, worker, name=f"keybatch worker {worker.index}"
                 )
             try:
                 yield proc
             except BaseException as exc:
-                # Tear down: the task group cancels the workers; they fail what
-                # was not applied and keep shielded saves going.
+                # Teardown: stop admitting first, then the task group cancels
+                # the workers; they fail what was not applied, and shielded
+                # saves finish.
                 body_error = exc
-                proc._aborting = True
-                proc._begin_stop()
+                engine.begin_stop(abort=True)
                 raise
             await proc.aclose()
     except BaseExceptionGroup as group:

@@ -15,7 +15,7 @@ __all__ = ["BatchReport", "ProcessorStatistics"]
 
 @dataclass(frozen=True)
 class ProcessorStatistics:
-    """A snapshot of a processor, returned by [`Processor.statistics`][keybatch.Processor.statistics].
+    """A snapshot of a processor, from [`statistics()`][keybatch.Processor.statistics].
 
     Attributes:
         workers: Number of worker tasks.

@@ -1,26 +1,18 @@
-"""Small helpers shared by the private modules."""
+"""Small helpers shared by the package: factories, callables, public names.
+
+`NoPublicConstructor` and `publish` are the one internal module that the
+companion packages (`keybatch.writer`, `keybatch.loader`, `keybatch.testing`)
+may use besides the public API.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import inspect
-import sys
-from collections import deque
-from collections.abc import Callable
-from functools import partial
+import typing
 from typing import Any
 
-import anyio
-import trio
-
-__all__ = [
-    "AsyncioEvent",
-    "Room",
-    "NoPublicConstructor",
-    "backend_primitives",
-    "foreign_loop_error",
-    "is_async_callable",
-]
+__all__ = ["ASYNC_FLAGS", "NoPublicConstructor", "is_async_callable", "publish"]
 
 ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
@@ -38,8 +30,8 @@ class NoPublicConstructor(type):
 
 
 def is_async_callable(obj: object) -> bool:
-    """Return True if calling ``obj`` gives a coroutine (functions, partials, methods,
-    and objects whose ``__call__`` is ``async def``)."""
+    """Return True if calling `obj` gives a coroutine (functions, partials, methods,
+    and objects whose `__call__` is `async def`)."""
     code = getattr(obj, "__code__", None)
     if code is not None:
         return bool(code.co_flags & ASYNC_FLAGS)
@@ -48,153 +40,36 @@ def is_async_callable(obj: object) -> bool:
     return callable(obj) and inspect.iscoroutinefunction(type(obj).__call__)
 
 
-class Room:
-    """Tasks waiting for room under a bound, woken first come, first served."""
+def publish(namespace: dict[str, Any]) -> None:
+    """Make the names in `namespace["__all__"]` say they live in that module.
 
-    __slots__ = ("_waiters",)
-
-    def __init__(self) -> None:
-        self._waiters: deque[Any] = deque()
-
-    def __len__(self) -> int:
-        return len(self._waiters)
-
-    def wake(self, n: int) -> None:
-        """Wake up to ``n`` waiters (room for ``n`` more was made)."""
-        waiters = self._waiters
-        while n > 0 and waiters:
-            waiters.popleft().set()
-            n -= 1
-
-    def wake_all(self) -> None:
-        self.wake(len(self._waiters))
-
-    async def wait(self, event: Any) -> None:
-        """Park on ``event`` until woken. Cancellation: raised here; a waiter
-        woken but cancelled before it ran passes its room on to the next one."""
-        self._waiters.append(event)
-        try:
-            await event.wait()
-        except BaseException:
-            try:
-                self._waiters.remove(event)
-            except ValueError:  # already woken: pass the room on
-                self.wake(1)
-            raise
-
-
-class AsyncioEvent:
-    """An event for many waiters on asyncio: they all park on one shared future.
-
-    asyncio.Event gives every waiter a future of its own and wakes them one by
-    one from Python; a batch's callers can share one future, woken in one go by
-    the loop, as a hand-written batcher does. The catch is that cancelling a task
-    cancels the future it awaits, so one cancelled caller would wake the others
-    with CancelledError. A waiter tells the two apart with ``Task.cancelling()``
-    (Python 3.11+): it is raised if its own task was asked to cancel, and waits
-    again on a fresh future otherwise. A task that already has a cancellation
-    request pending when it starts to wait (so the count cannot tell) waits on
-    a private future instead. ``Processor.run`` inlines the shared-future wait.
-
-    Like asyncio.Event, ``wait`` does not yield when the event is set already.
+    As trio does: `keybatch.Processor.__module__` is `"keybatch"`, not
+    `"keybatch._processor"`. Classes first get their annotations resolved in the
+    module that defined them, so `typing.get_type_hints` keeps working on them
+    after the rewrite (the public module's namespace would not resolve names such
+    as `Hashable` that a postponed annotation refers to).
     """
-
-    __slots__ = ("_loop", "_flag", "_future", "_private")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._flag = False
-        self._future: asyncio.Future[None] | None = None
-        self._private: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        return self._flag
-
-    def set(self) -> None:
-        if self._flag:
-            return
-        self._flag = True
-        future = self._future
-        if future is not None and not future.done():
-            future.set_result(None)
-        if self._private is not None:
-            for future in self._private:
-                if not future.done():
-                    future.set_result(None)
-
-    async def wait(self) -> bool:
-        """Wait until set. Cancellation: raised here; the event is unaffected."""
-        if self._flag:
-            return True
-        task: Any = asyncio.current_task()
-        if task is None or task.cancelling():
-            future = self._loop.create_future()
-            if self._private is None:
-                self._private = [future]
-            else:
-                self._private.append(future)
-            await future
-            return True
-        while not self._flag:
-            future = self.shared_future()
-            try:
-                await future
-            except asyncio.CancelledError:
-                if task.cancelling() or not future.cancelled():
-                    raise  # our own cancellation
-                # Another waiter's cancellation cancelled the shared future.
-            except BaseException as exc:
-                if not future.done() and future._asyncio_future_blocking:
-                    # Awaited by another event loop (trio.run() inside an asyncio
-                    # task): unblock the shared future for the other waiters.
-                    future._asyncio_future_blocking = False
-                    raise foreign_loop_error() from exc
-                raise
-        return True
-
-    def shared_future(self) -> asyncio.Future[None]:
-        """The future to park on while the event is not set (made on demand)."""
-        future = self._future
-        if future is None or future.done():  # done and not set: cancelled
-            future = self._future = self._loop.create_future()
-        return future
+    public = namespace["__name__"]
+    for name in namespace["__all__"]:
+        obj = namespace.get(name)
+        home = getattr(obj, "__module__", None)
+        if not isinstance(home, str) or home == public:
+            continue
+        if not home.startswith(public.split(".")[0] + "."):
+            continue  # not ours
+        if not home.rpartition(".")[2].startswith("_"):
+            continue  # already a public module
+        if isinstance(obj, type):
+            _resolve_annotations(obj)
+        with contextlib.suppress(AttributeError, TypeError):  # builtins
+            obj.__module__ = public
 
 
-def foreign_loop_error() -> RuntimeError:
-    """The error for a call from another event loop running in the same thread."""
-    return RuntimeError(
-        "keybatch: a Processor must be used from the event loop that opened it,"
-        " not from another event loop in the same thread (asyncio.run() inside"
-        " trio, or trio.run() inside asyncio)"
-    )
-
-
-def backend_primitives() -> tuple[
-    Callable[[], Any], Callable[[], float], Callable[..., Any]
-]:
-    """Return ``(new_event, current_time, cancel_scope)`` for the running loop.
-
-    Under trio these are trio's own (anyio's wrappers cost about 25% more per
-    event cycle, and more per cancel scope); under asyncio, :class:`AsyncioEvent`
-    (asyncio.Event before Python 3.11), the loop's clock and anyio's CancelScope
-    (its asyncio class, called directly), which cancels an event wait like any
-    other await. Neither event's ``wait``
-    checkpoints when the event is set already: callers that may find it set
-    checkpoint themselves.
-    """
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        loop = asyncio.get_running_loop()
-        # anyio.CancelScope(...) looks the backend up on every call; the class it
-        # returns, called directly, builds the same scope at about half the cost.
-        cancel_scope = type(anyio.CancelScope())
-        if sys.version_info >= (3, 11):
-            return partial(AsyncioEvent, loop), loop.time, cancel_scope
-        return asyncio.Event, loop.time, cancel_scope  # pragma: no cover
-    else:
-        return trio.Event, trio.current_time, trio.CancelScope
-
-
-# Re-exported so the rest of the package names one checkpoint.
-checkpoint = anyio.lowlevel.checkpoint
+def _resolve_annotations(cls: type) -> None:
+    for klass in cls.__mro__:
+        own = klass.__dict__.get("__annotations__")  # noqa: RUF063 - own only
+        if not own or not any(isinstance(v, str) for v in own.values()):
+            continue
+        hints = typing.get_type_hints(klass)
+        with contextlib.suppress(AttributeError, TypeError):  # builtins
+            klass.__annotations__ = {k: hints.get(k, v) for k, v in own.items()}

@@ -414,7 +414,7 @@ async def test_on_batch_hook_raising_is_logged_and_ignored(
         raise RuntimeError("hook broke")
 
     store = kt.memory_store(lambda key: [])
-    with caplog.at_level(logging.ERROR, logger="keybatch"):
+    with caplog.at_level(logging.WARNING, logger="keybatch"):
         async with opener(store, on_batch=hook) as processor:
             assert await processor.run("a", append, 1) == 1
             await still_works(processor, "a")

@@ -38,6 +38,9 @@ def test_statistics_fields() -> None:
         "operation_failures",
         "operations_withdrawn",
         "stopping",
+        "max_worker_queue",
+        "conflicts",
+        "exclusive_sections",
     ]
 
 

@@ -139,10 +139,10 @@ async def test_memory_returns_after_a_burst_of_distinct_keys(
     import gc
     import tracemalloc
 
-    from keybatch._batch import Group, KeyState
+    from keybatch._model import Batch, KeyState
 
     def alive() -> int:
-        kinds = (keybatch.Pending, Group, KeyState)
+        kinds = (keybatch.Pending, Batch, KeyState)
         return sum(isinstance(o, kinds) for o in gc.get_objects())
 
     gc.collect()

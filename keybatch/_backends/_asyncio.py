@@ -1,0 +1,215 @@
+"""The asyncio backend (also uvloop, and eager task factories).
+
+Every use of a private asyncio detail in keybatch lives here, gated by Python
+version, with a public-API fallback. Set `KEYBATCH_ASYNCIO_PUBLIC_ONLY=1` to force
+the fallback (CI runs the suite once that way); Python 3.10 always uses it.
+
+How callers park. The callers of one batch share one future while none of them
+is cancelled, as a hand-written batcher would: the batch's end wakes them all
+with one `set_result`. Cancelling a task cancels the future it awaits, so the
+first cancelled caller of a batch cancels the shared future and wakes the others
+once; they tell it was not aimed at them (`Task.cancelling()` is 0) and re-park,
+each on a future of its own, and the batch stays split. So a cancelled caller
+costs O(1), except the first one of a batch, which costs one wake-up of each of
+the batch's other callers. The fallback parks every caller on its own future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+from typing import Any, final
+
+import anyio
+import anyio.lowlevel
+
+from .._model import SlotState
+from .._pending import Pending, outcome_error
+from . import foreign_loop_error
+
+__all__ = ["AsyncioBackend", "AsyncioEvent", "PUBLIC_ONLY"]
+
+QUEUED = SlotState.QUEUED
+VALUE = SlotState.VALUE
+RAISED = SlotState.RAISED
+
+#: Public asyncio API only: no Task.cancelling() (3.11+), no private attributes.
+PUBLIC_ONLY = sys.version_info < (3, 11) or os.environ.get(
+    "KEYBATCH_ASYNCIO_PUBLIC_ONLY", ""
+) not in ("", "0")
+
+_CancelledError = asyncio.CancelledError
+
+if PUBLIC_ONLY:
+    _current_task: Any = asyncio.current_task
+else:
+    # asyncio.current_task is written in Python on 3.11; its table is not.
+    _table = getattr(asyncio.tasks, "_current_tasks", None)
+    if sys.version_info < (3, 12) and isinstance(_table, dict):
+        _current_task = _table.get
+    else:
+        _current_task = asyncio.current_task
+
+
+@final
+class AsyncioEvent:
+    """A batch's event on asyncio: a shared future, then private ones (above)."""
+
+    __slots__ = ("_loop", "_flag", "_shared", "_private", "_split")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._flag = False
+        self._shared: asyncio.Future[None] | None = None
+        self._private: set[asyncio.Future[None]] | None = None
+        self._split = PUBLIC_ONLY  # every waiter on a private future
+
+    def __repr__(self) -> str:
+        return f"<AsyncioEvent set={self._flag} split={self._split}>"
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if self._flag:
+            return
+        self._flag = True
+        shared = self._shared
+        if shared is not None and not shared.done():
+            shared.set_result(None)
+        private = self._private
+        if private:
+            for future in private:
+                if not future.done():
+                    future.set_result(None)
+            self._private = None
+
+    def _park_private(self) -> asyncio.Future[None]:
+        future = self._loop.create_future()
+        if self._private is None:
+            self._private = {future}
+        else:
+            self._private.add(future)
+        return future
+
+    async def wait(self) -> bool:
+        """Wait on a private future until set (the engine's own waits).
+
+        Cancellation: raised here; the event is unaffected. Like asyncio.Event,
+        returns at once, without yielding, when the event is set already.
+        """
+        if self._flag:
+            return True
+        future = self._park_private()
+        try:
+            await future
+        except BaseException as exc:
+            if (
+                not PUBLIC_ONLY
+                and not future.done()
+                and future._asyncio_future_blocking
+            ):
+                # Awaited by another event loop (trio.run() inside an asyncio
+                # task): that loop refused the future.
+                future._asyncio_future_blocking = False
+                raise foreign_loop_error() from exc
+            raise
+        finally:
+            if self._private is not None:
+                self._private.discard(future)
+        return True
+
+
+@final
+class AsyncioBackend:
+    __slots__ = ("_loop", "new_event", "now", "_scope_class")
+
+    name = "asyncio"
+    cancelled = asyncio.CancelledError
+    checkpoint = staticmethod(anyio.lowlevel.checkpoint)
+
+    def __init__(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self.new_event = lambda: AsyncioEvent(loop)
+        self.now = loop.time
+        # anyio.CancelScope(...) looks the backend up on every call; the class it
+        # returns, called directly, builds the same scope at about half the cost.
+        self._scope_class: Any = type(anyio.CancelScope())
+
+    def __repr__(self) -> str:
+        return f"<AsyncioBackend public_only={PUBLIC_ONLY}>"
+
+    def cancel_scope(self, *, deadline: float = math.inf, shield: bool = False) -> Any:
+        return self._scope_class(deadline=deadline, shield=shield)
+
+    def own_cancellation(self) -> bool:
+        if PUBLIC_ONLY:
+            return True  # cannot tell: treat it as ours (documented)
+        task = _current_task(self._loop)
+        return task is None or task.cancelling() > 0
+
+    async def wait(self, slot: Pending[Any]) -> Any:
+        batch = slot._batch
+        event: AsyncioEvent = batch.event
+        loop = event._loop
+        task = _current_task(loop)
+        while not event._flag:
+            private = event._split or task is None or task.cancelling() > 0
+            if private:
+                future = event._park_private()
+            else:
+                shared = event._shared
+                if shared is None:
+                    shared = event._shared = loop.create_future()
+                future = shared
+            try:
+                await future
+            except _CancelledError:
+                if not private and not task.cancelling() and future.cancelled():
+                    # Another caller's cancellation cancelled the shared future:
+                    # from now on each caller of this batch parks on its own.
+                    event._split = True
+                    event._shared = None
+                    continue
+                if private and event._private is not None:
+                    event._private.discard(future)
+                elif future.cancelled():
+                    event._split = True  # ours cancelled the shared future
+                    event._shared = None
+                if slot._state is QUEUED:  # never applied: withdraw it
+                    batch.state.worker.engine.withdraw(slot)
+                raise
+            except BaseException as exc:
+                if slot._state is QUEUED:
+                    batch.state.worker.engine.withdraw(slot)
+                if private and event._private is not None:
+                    event._private.discard(future)
+                if (
+                    not PUBLIC_ONLY
+                    and not future.done()
+                    and future._asyncio_future_blocking
+                ):
+                    # Awaited by another event loop (trio.run() inside an asyncio
+                    # task): unblock the future for the batch's other callers.
+                    future._asyncio_future_blocking = False
+                    raise foreign_loop_error() from exc
+                raise
+        state = slot._state
+        if state is VALUE:
+            return slot._outcome
+        error = outcome_error(slot)
+        if state is RAISED:
+            slot._outcome = None  # the caller owns it now: no cycle through us
+        try:
+            raise error
+        finally:
+            del error, slot, batch, event
+
+    async def wait_result(self, slot: Pending[Any]) -> None:
+        event = slot._batch.event
+        if event._flag:
+            await anyio.lowlevel.checkpoint()
+        else:
+            await event.wait()

@@ -1,0 +1,76 @@
+"""The trio backend: trio's own Event, clock and CancelScope.
+
+anyio's wrappers cost about 25% more per event cycle under trio, and the hot
+path creates one event per batch and parks one task per operation.
+"""
+
+from __future__ import annotations
+
+import math
+from asyncio import _get_running_loop
+from typing import Any, final
+
+import trio
+
+from .._model import SlotState
+from .._pending import Pending, outcome_error
+from . import foreign_loop_error
+
+__all__ = ["TrioBackend"]
+
+QUEUED = SlotState.QUEUED
+VALUE = SlotState.VALUE
+RAISED = SlotState.RAISED
+
+
+@final
+class TrioBackend:
+    __slots__ = ()
+
+    name = "trio"
+    cancelled = trio.Cancelled
+    new_event = staticmethod(trio.Event)
+    now = staticmethod(trio.current_time)
+    checkpoint = staticmethod(trio.lowlevel.checkpoint)
+
+    def __repr__(self) -> str:
+        return "<TrioBackend>"
+
+    @staticmethod
+    def cancel_scope(
+        *, deadline: float = math.inf, shield: bool = False
+    ) -> trio.CancelScope:
+        return trio.CancelScope(deadline=deadline, shield=shield)
+
+    @staticmethod
+    def own_cancellation() -> bool:
+        return True  # trio's Cancelled is only ever raised at its own scopes
+
+    async def wait(self, slot: Pending[Any]) -> Any:
+        batch = slot._batch
+        if _get_running_loop() is not None:
+            # asyncio.run() inside a trio task: parking would corrupt trio.
+            if slot._state is QUEUED:
+                batch.state.worker.engine.withdraw(slot)
+            raise foreign_loop_error()
+        try:
+            await batch.event.wait()
+        except BaseException:
+            if slot._state is QUEUED:  # never applied: withdraw it
+                batch.state.worker.engine.withdraw(slot)
+            raise
+        state = slot._state
+        if state is VALUE:
+            return slot._outcome
+        error = outcome_error(slot)
+        if state is RAISED:
+            slot._outcome = None  # the caller owns it now: no cycle through us
+        try:
+            raise error
+        finally:
+            del error, slot, batch
+
+    async def wait_result(self, slot: Pending[Any]) -> None:
+        if _get_running_loop() is not None:
+            raise foreign_loop_error()
+        await slot._batch.event.wait()  # trio's wait checkpoints when set
