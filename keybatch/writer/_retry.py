@@ -7,9 +7,13 @@ import math
 import random
 from collections.abc import Callable
 
-__all__ = ["RetryPolicy", "exponential_backoff", "retry_transient"]
+__all__ = ["MAX_BACKOFF", "RetryPolicy", "exponential_backoff", "retry_transient"]
 
 logger = logging.getLogger("keybatch.writer")
+
+MAX_BACKOFF = 300.0
+"""The longest wait before a retry, in seconds: a longer `backoff` (`inf`
+included) is cut to it, so a retrying flush always tries again."""
 
 
 def exponential_backoff(
@@ -61,7 +65,7 @@ class RetryPolicy:
         self.retry_on = retry_on
         self.backoff = backoff
 
-    def should_retry(self, attempts: int, exc: Exception) -> bool:
+    def should_retry(self, attempts: int, exc: BaseException) -> bool:
         """Retry after `attempts` sink calls, the last of which raised `exc`?"""
         if attempts > self.max_retries:
             return False
@@ -72,10 +76,13 @@ class RetryPolicy:
             return False
 
     def delay(self, retry: int) -> float:
-        """Seconds to wait before retry number `retry` (1, 2, ...)."""
+        """Seconds to wait before retry number `retry` (1, 2, ...), at most
+        `MAX_BACKOFF`."""
         try:
             delay = float(self.backoff(retry))
         except Exception:
             logger.exception("keybatch.writer: backoff raised; retrying at once")
             return 0.0
-        return delay if delay > 0 else 0.0  # negative and NaN: at once
+        if not delay > 0:  # negative and NaN: at once
+            return 0.0
+        return min(delay, MAX_BACKOFF)  # inf and huge: bounded

@@ -1,6 +1,7 @@
 """keybatch.writer: flushing, retries, backpressure, dependencies, cancellation.
 
-On trio in virtual time (exact times), then a subset on asyncio.
+Every async test runs on trio and asyncio in virtual time (tests/conftest.py);
+the property tests run each example on both, through ``run_virtual``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from typing import Any
 
 import anyio
 import pytest
-import trio
-import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +23,8 @@ from keybatch.writer import (
     exponential_backoff,
     open_writer,
 )
+
+from ..loader.test_loader import run_virtual
 
 
 class Sink:
@@ -63,17 +64,6 @@ class Sink:
         return [item for _, _, items in self.calls for item in items]
 
 
-def run_virtual(fn: Any) -> Any:
-    """trio.run(fn) in virtual time; a run stuck for good fails fast instead of
-    hanging (the clock jumps to the deadline)."""
-
-    async def guarded() -> Any:
-        with trio.fail_after(100_000):
-            return await fn()
-
-    return trio.run(guarded, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
 class Errors:
     """An on_error hook that records its calls."""
 
@@ -89,32 +79,30 @@ class Errors:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.trio
-async def test_write_returns_at_once_and_flush_follows_the_interval(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_write_returns_at_once_and_flush_follows_the_interval() -> None:
     sink = Sink()
     async with open_writer(sink) as writer:
         await writer.write("a")
-        await trio.sleep(0.4)
+        await anyio.sleep(0.4)
         await writer.write("b")
-        assert trio.current_time() == 0.4
+        assert anyio.current_time() == 0.4
         assert sink.calls == []
-        await trio.sleep(1.0)
+        await anyio.sleep(1.0)
         assert sink.calls == [(1.0, None, ["a", "b"])]  # 1 s after the first item
         await writer.write("c")
-        await trio.sleep(5)
+        await anyio.sleep(5)
         assert sink.calls[1] == (2.4, None, ["c"])
 
 
-@pytest.mark.trio
-async def test_full_buffer_is_flushed_at_once(autojump_clock: trio.abc.Clock) -> None:
+@pytest.mark.anyio
+async def test_full_buffer_is_flushed_at_once() -> None:
     sink = Sink(delay=0.1)
     async with open_writer(sink, batch_size=3) as writer:
         for i in range(7):
             await writer.write(i)
-        assert trio.current_time() == 0.0
-        await trio.sleep(5)
+        assert anyio.current_time() == 0.0
+        await anyio.sleep(5)
     # Flushes of one key never overlap: the second full batch waits for the
     # first; the last item waits for the interval, counted from when the key's
     # previous flush ended.
@@ -125,51 +113,49 @@ async def test_full_buffer_is_flushed_at_once(autojump_clock: trio.abc.Clock) ->
     ]
 
 
-@pytest.mark.trio
-async def test_keys_have_their_own_buffers(autojump_clock: trio.abc.Clock) -> None:
+@pytest.mark.anyio
+async def test_keys_have_their_own_buffers() -> None:
     sink = Sink()
     async with open_writer(sink, flush_interval=2.0) as writer:
         await writer.write(1, key="cpu")
         await writer.write(2, key=("mem", 3))
-        await trio.sleep(1)
+        await anyio.sleep(1)
         await writer.write(3, key="cpu")
-        await trio.sleep(5)
+        await anyio.sleep(5)
     assert sorted(sink.calls, key=repr) == [
         (2.0, "cpu", [1, 3]),
         (2.0, ("mem", 3), [2]),
     ]
 
 
-@pytest.mark.trio
-async def test_flush_flushes_everything_now(autojump_clock: trio.abc.Clock) -> None:
+@pytest.mark.anyio
+async def test_flush_flushes_everything_now() -> None:
     assert keybatch.worker_for_key("a", 2) != keybatch.worker_for_key("b", 2)
     sink = Sink(delay=0.5)
     async with open_writer(sink, flush_interval=10) as writer:
         await writer.write(1, key="a")
         await writer.write(2, key="b")
-        await trio.sleep(1)
+        await anyio.sleep(1)
         await writer.flush()
-        assert trio.current_time() == 1.5
+        assert anyio.current_time() == 1.5
         assert sorted(sink.calls) == [(1.0, "a", [1]), (1.0, "b", [2])]
         assert writer.statistics().buffered == 0
 
 
-@pytest.mark.trio
-async def test_leaving_the_block_flushes_what_is_left(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_leaving_the_block_flushes_what_is_left() -> None:
     sink = Sink(delay=0.5)
     async with open_writer(sink, flush_interval=10, batch_size=2) as writer:
         for i in range(5):
             await writer.write(i)
-    assert trio.current_time() == 1.5
+    assert anyio.current_time() == 1.5
     assert sink.written() == [0, 1, 2, 3, 4]
     stats = writer.statistics()
     assert (stats.items_written, stats.flushes, stats.buffered) == (5, 3, 0)
 
 
-@pytest.mark.trio
-async def test_write_after_close_raises(autojump_clock: trio.abc.Clock) -> None:
+@pytest.mark.anyio
+async def test_write_after_close_raises() -> None:
     async with open_writer(Sink()) as writer:
         pass
     with pytest.raises(keybatch.ProcessorStopped):
@@ -180,39 +166,32 @@ async def test_write_after_close_raises(autojump_clock: trio.abc.Clock) -> None:
         await writer.write_sync(1)
 
 
-@pytest.mark.trio
 @pytest.mark.parametrize(("concurrent", "end"), [(1, 6.0), (2, 3.0), (3, 2.0)])
-async def test_concurrent_flushes_bound_sink_calls(
-    autojump_clock: trio.abc.Clock, concurrent: int, end: float
-) -> None:
+@pytest.mark.anyio
+async def test_concurrent_flushes_bound_sink_calls(concurrent: int, end: float) -> None:
     # Int keys 0..5 hash to themselves: keys spread evenly over the flush tasks.
     sink = Sink(delay=1.0)
     async with open_writer(sink, concurrent_flushes=concurrent) as writer:
         for key in range(6):
             await writer.write(key, key=key)
     assert sink.max_active == concurrent
-    assert trio.current_time() == end
+    assert anyio.current_time() == end
     assert sorted(sink.written()) == list(range(6))
 
 
-@pytest.mark.trio
-async def test_jitter_is_drawn_once_per_writer(autojump_clock: trio.abc.Clock) -> None:
-    intervals = set()
-    for _ in range(5):
-        sink = Sink()
-        async with open_writer(sink, flush_interval=1.0, jitter=0.5) as writer:
-            start = trio.current_time()
-            await writer.write(1)
-            await trio.sleep(2)
-            await writer.write(2)
-            await trio.sleep(2)
-        interval = writer.flush_interval
-        assert 1.0 <= interval <= 1.5
-        assert [t - start for t, _, _ in sink.calls] == pytest.approx(
-            [interval, 2 + interval]
-        )
-        intervals.add(interval)
-    assert len(intervals) > 1
+@pytest.mark.anyio
+async def test_jitter_is_drawn_for_every_flush() -> None:
+    sink = Sink()
+    async with open_writer(sink, flush_interval=1.0, jitter=0.5) as writer:
+        assert writer.flush_interval == 1.0
+        starts = []
+        for n in range(20):
+            starts.append(anyio.current_time())
+            await writer.write(n)
+            await anyio.sleep(2)
+    waits = [t - start for (t, _, _), start in zip(sink.calls, starts, strict=True)]
+    assert all(1.0 <= wait <= 1.5 for wait in waits)
+    assert len(set(waits)) > 10  # a fresh draw every time
 
 
 # ---------------------------------------------------------------------------
@@ -220,22 +199,18 @@ async def test_jitter_is_drawn_once_per_writer(autojump_clock: trio.abc.Clock) -
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.trio
-async def test_write_sync_returns_once_its_flush_succeeded(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_write_sync_returns_once_its_flush_succeeded() -> None:
     sink = Sink(delay=0.25)
     async with open_writer(sink) as writer:
         await writer.write("a")
         await writer.write_sync("b")
-        assert trio.current_time() == 1.25
+        assert anyio.current_time() == 1.25
         assert sink.calls == [(1.0, None, ["a", "b"])]
 
 
-@pytest.mark.trio
-async def test_write_sync_callers_get_their_own_error(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_write_sync_callers_get_their_own_error() -> None:
     failure = ValueError("rejected")
     sink = Sink(failures=[failure])
     errors = Errors()
@@ -248,7 +223,7 @@ async def test_write_sync_callers_get_their_own_error(
             except WriteError as exc:
                 caught.append(exc)
 
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             for i in range(3):
                 nursery.start_soon(one, i)
     assert len(caught) == 3
@@ -263,33 +238,29 @@ async def test_write_sync_callers_get_their_own_error(
     assert (stats.failed_items, stats.failed_flushes, stats.items_written) == (3, 1, 0)
 
 
-@pytest.mark.trio
-async def test_cancelled_write_sync_before_its_flush_is_withdrawn(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_cancelled_write_sync_before_its_flush_is_withdrawn() -> None:
     sink = Sink()
     async with open_writer(sink) as writer:
         await writer.write("kept")
-        with trio.move_on_after(0.5) as scope:
+        with anyio.move_on_after(0.5) as scope:
             await writer.write_sync("withdrawn")
         assert scope.cancelled_caught
         assert writer.statistics().buffered == 1
-        await trio.sleep(1)
+        await anyio.sleep(1)
         assert sink.calls == [(1.0, None, ["kept"])]
         await writer.write_sync("next")  # the writer still works
     assert sink.written() == ["kept", "next"]
 
 
-@pytest.mark.trio
-async def test_cancelled_write_sync_during_its_flush_is_still_written(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_cancelled_write_sync_during_its_flush_is_still_written() -> None:
     sink = Sink(delay=1.0)
     async with open_writer(sink) as writer:
-        with trio.move_on_after(1.5) as scope:
+        with anyio.move_on_after(1.5) as scope:
             await writer.write_sync("x", id="x")
         assert scope.cancelled_caught
-        await trio.sleep(1)
+        await anyio.sleep(1)
         # Its id counts as written: a dependent is not held.
         await writer.write("y", after=["x"])
         assert writer.statistics().held == 0
@@ -302,17 +273,15 @@ async def test_cancelled_write_sync_during_its_flush_is_still_written(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.trio
-async def test_transient_failures_are_retried_with_backoff(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_transient_failures_are_retried_with_backoff() -> None:
     sink = Sink(failures=[OSError("down"), TimeoutError("slow")])
     reports: list[FlushReport] = []
     async with open_writer(
         sink, backoff=lambda retry: 10.0 * retry, on_flush=reports.append
     ) as writer:
         await writer.write_sync("a")
-        assert trio.current_time() == 31.0
+        assert anyio.current_time() == 31.0
     assert [t for t, _, _ in sink.calls] == [1.0, 11.0, 31.0]
     stats = writer.statistics()
     assert (stats.retries, stats.items_written, stats.flushes) == (2, 1, 1)
@@ -329,8 +298,8 @@ async def test_transient_failures_are_retried_with_backoff(
     ]
 
 
-@pytest.mark.trio
-async def test_retries_stop_after_max_retries(autojump_clock: trio.abc.Clock) -> None:
+@pytest.mark.anyio
+async def test_retries_stop_after_max_retries() -> None:
     failures: list[BaseException | None] = [OSError(i) for i in range(5)]
     sink = Sink(failures=list(failures))
     errors = Errors()
@@ -357,10 +326,8 @@ async def test_retries_stop_after_max_retries(autojump_clock: trio.abc.Clock) ->
     assert (stats.retries, stats.failed_items, stats.failed_flushes) == (2, 3, 1)
 
 
-@pytest.mark.trio
-async def test_retry_on_decides_what_is_transient(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_retry_on_decides_what_is_transient() -> None:
     sink = Sink(failures=[ValueError("5xx"), OSError("4xx")])
     errors = Errors()
     async with open_writer(
@@ -374,19 +341,17 @@ async def test_retry_on_decides_what_is_transient(
     assert isinstance(errors.calls[0][2], OSError)
 
 
-@pytest.mark.trio
-async def test_backoff_does_not_block_new_writes(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_backoff_does_not_block_new_writes() -> None:
     sink = Sink(failures=[OSError("down")])
     async with open_writer(sink, backoff=lambda retry: 10.0) as writer:
         await writer.write(1)
-        await trio.sleep(2)  # the first flush failed at 1.0 and waits to retry
+        await anyio.sleep(2)  # the first flush failed at 1.0 and waits to retry
         assert writer.statistics().retries == 1
         for i in range(2, 5):
             await writer.write(i)
             writer.write_nowait(10 * i)
-        assert trio.current_time() == 2.0
+        assert anyio.current_time() == 2.0
         assert writer.statistics().buffered == 7
     assert [(t, items) for t, _, items in sink.calls] == [
         (1.0, [1]),
@@ -421,9 +386,9 @@ def test_exponential_backoff_jitter_stays_in_its_band(
     assert full / 2 <= delay <= full
 
 
-@pytest.mark.trio
+@pytest.mark.anyio
 async def test_raising_hooks_are_logged_and_ignored(
-    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def bad_hook(*args: Any) -> None:
         raise RuntimeError("hook")
@@ -451,10 +416,8 @@ async def test_raising_hooks_are_logged_and_ignored(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.trio
-async def test_statistics_count_bytes_the_sink_reports(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_statistics_count_bytes_the_sink_reports() -> None:
     reports: list[FlushReport] = []
     sink = Sink(delay=0.5, result=100)
     async with open_writer(sink, batch_size=2, on_flush=reports.append) as writer:
@@ -480,10 +443,8 @@ async def test_statistics_count_bytes_the_sink_reports(
     ]
 
 
-@pytest.mark.trio
-async def test_sink_result_that_is_not_an_int_is_ignored(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_sink_result_that_is_not_an_int_is_ignored() -> None:
     reports: list[FlushReport] = []
     async with open_writer(Sink(result="ok"), on_flush=reports.append) as writer:
         await writer.write(1)
@@ -496,10 +457,8 @@ async def test_sink_result_that_is_not_an_int_is_ignored(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.trio
-async def test_write_waits_for_room_and_write_nowait_refuses(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_write_waits_for_room_and_write_nowait_refuses() -> None:
     sink = Sink()
     async with open_writer(sink, batch_size=10, max_buffered=3) as writer:
         for i in range(3):
@@ -507,12 +466,13 @@ async def test_write_waits_for_room_and_write_nowait_refuses(
         with pytest.raises(keybatch.Overloaded):
             writer.write_nowait(99)
         await writer.write(3)  # waits for the flush at 1.0
-        assert trio.current_time() == 1.0
+        assert anyio.current_time() == 1.0
         assert writer.statistics().buffered == 1
     assert sink.written() == [0, 1, 2, 3]
 
 
-def test_default_max_buffered_is_ten_batches() -> None:
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_default_max_buffered_is_ten_batches(backend: str) -> None:
     async def main() -> None:
         async with open_writer(Sink(), batch_size=2) as writer:
             for i in range(20):
@@ -520,33 +480,29 @@ def test_default_max_buffered_is_ten_batches() -> None:
             with pytest.raises(keybatch.Overloaded, match="max_buffered=20"):
                 writer.write_nowait(20)
 
-    run_virtual(main)
+    run_virtual(main, backend)
 
 
-@pytest.mark.trio
-async def test_cancelled_wait_for_room_accepts_nothing(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_cancelled_wait_for_room_accepts_nothing() -> None:
     sink = Sink()
     async with open_writer(sink, max_buffered=1) as writer:
         await writer.write("a")
-        with trio.move_on_after(0.5):
+        with anyio.move_on_after(0.5):
             await writer.write("never")
-        with trio.move_on_after(0.5):
+        with anyio.move_on_after(0.5):
             await writer.write_sync("never either")
         assert writer.statistics().buffered == 1
         await writer.write("b")  # gets room at 1.0
-        assert trio.current_time() == 1.0
+        assert anyio.current_time() == 1.0
     assert sink.written() == ["a", "b"]
 
 
-@pytest.mark.trio
-async def test_writers_waiting_for_room_are_refused_when_closing(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_writers_waiting_for_room_are_refused_when_closing() -> None:
     sink = Sink()
     outcomes: list[Any] = []
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         async with open_writer(sink, max_buffered=1) as writer:
             await writer.write("a")
 
@@ -557,7 +513,7 @@ async def test_writers_waiting_for_room_are_refused_when_closing(
                     outcomes.append(exc)
 
             nursery.start_soon(blocked)
-            await trio.testing.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()
     assert len(outcomes) == 1
     assert sink.written() == ["a"]
 
@@ -567,10 +523,8 @@ async def test_writers_waiting_for_room_are_refused_when_closing(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.trio
-async def test_item_is_held_until_its_dependency_was_written(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_item_is_held_until_its_dependency_was_written() -> None:
     # The two keys have their own flush tasks (default concurrent_flushes=2).
     assert keybatch.worker_for_key("refs", 2) != keybatch.worker_for_key("objects", 2)
     sink = Sink(delay=0.5)
@@ -580,7 +534,7 @@ async def test_item_is_held_until_its_dependency_was_written(
         await writer.write("ref->o1", key="refs", id="r1", after=["o1"])
         await writer.write("ref->r1", key="refs", after=["r1", "unknown"])
         assert writer.statistics().held == 2
-        await trio.sleep(10)
+        await anyio.sleep(10)
         assert writer.statistics().held == 0
     # o1 is written at 1.0-1.5; ref->o1 enters the refs buffer at 1.5 (the refs
     # buffer flushed "ref" meanwhile), is written at 2.5-3.0; then ref->r1.
@@ -594,10 +548,8 @@ async def test_item_is_held_until_its_dependency_was_written(
     ]
 
 
-@pytest.mark.trio
-async def test_failed_dependency_fails_its_dependents(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_failed_dependency_fails_its_dependents() -> None:
     sink = Sink(fail_keys={"objects"})
     errors = Errors()
     caught: list[DependencyFailed] = []
@@ -612,10 +564,10 @@ async def test_failed_dependency_fails_its_dependents(
             except DependencyFailed as exc:
                 caught.append(exc)
 
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             nursery.start_soon(sync_dependent)
             nursery.start_soon(sync_dependent)
-        assert trio.current_time() == 1.0
+        assert anyio.current_time() == 1.0
         # An id known to have failed fails a new dependent at once.
         await writer.write("late", key="refs", after=["r1"])
     assert [key for _, key, _ in sink.calls] == ["objects"]
@@ -647,10 +599,8 @@ async def test_failed_dependency_fails_its_dependents(
     assert (stats.failed_items, stats.buffered, stats.held) == (6, 0, 0)
 
 
-@pytest.mark.trio
-async def test_rewriting_a_failed_id_clears_its_failure(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_rewriting_a_failed_id_clears_its_failure() -> None:
     sink = Sink(failures=[ValueError("once")])
     async with open_writer(sink) as writer:
         with pytest.raises(WriteError):
@@ -661,8 +611,8 @@ async def test_rewriting_a_failed_id_clears_its_failure(
     assert sink.written() == ["v1", "v2", "dependent"]
 
 
-@pytest.mark.trio
-async def test_bad_ids_are_refused(autojump_clock: trio.abc.Clock) -> None:
+@pytest.mark.anyio
+async def test_bad_ids_are_refused() -> None:
     async with open_writer(Sink()) as writer:
         await writer.write(1, id="a")
         with pytest.raises(ValueError, match="already buffered"):
@@ -676,49 +626,43 @@ async def test_bad_ids_are_refused(autojump_clock: trio.abc.Clock) -> None:
         assert writer.statistics().buffered == 1
 
 
-@pytest.mark.trio
-async def test_flush_and_close_wait_for_held_chains(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_flush_and_close_wait_for_held_chains() -> None:
     sink = Sink(delay=0.5)
     async with open_writer(sink, flush_interval=100) as writer:
         await writer.write(0, key=0, id=0)
         for i in range(1, 4):
             await writer.write(i, key=i % 2, id=i, after=[i - 1])
         await writer.flush()
-        assert trio.current_time() == 2.0  # four flushes one after another
+        assert anyio.current_time() == 2.0  # four flushes one after another
         assert sink.written() == [0, 1, 2, 3]
         await writer.write(4, key=0, id=4)
         await writer.write(5, key=1, after=[4])
-    assert trio.current_time() == 3.0
+    assert anyio.current_time() == 3.0
     assert sink.written() == [0, 1, 2, 3, 4, 5]
 
 
-@pytest.mark.trio
-async def test_write_sync_waits_for_its_dependencies(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_write_sync_waits_for_its_dependencies() -> None:
     sink = Sink(delay=0.5)
     async with open_writer(sink) as writer:
         await writer.write("obj", key="objects", id="o1")
         await writer.write_sync("ref", key="refs", after=["o1"])
-        assert trio.current_time() == 3.0  # o1 at 1.0-1.5, ref at 2.5-3.0
+        assert anyio.current_time() == 3.0  # o1 at 1.0-1.5, ref at 2.5-3.0
     assert sink.written() == ["obj", "ref"]
 
 
-@pytest.mark.trio
-async def test_cancelled_write_sync_fails_items_waiting_for_it(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_cancelled_write_sync_fails_items_waiting_for_it() -> None:
     sink = Sink()
     errors = Errors()
     async with open_writer(sink, on_error=errors) as writer:
         await writer.write("obj", key="objects", id="o1")
-        with trio.move_on_after(0.5):
+        with anyio.move_on_after(0.5):
             # held for o1, then cancelled: withdrawn
             await writer.write_sync("ref", key="refs", id="r1", after=["o1"])
         await writer.write("ref2", key="refs", after=["r1"])
-        with trio.move_on_after(0.5):
+        with anyio.move_on_after(0.5):
             await writer.write_sync("x", id="x")  # in the buffer, then cancelled
         await writer.write("y", after=["x"])
     assert sink.written() == ["obj"]
@@ -733,28 +677,24 @@ async def test_cancelled_write_sync_fails_items_waiting_for_it(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.trio
-async def test_teardown_finishes_flushes_in_progress_and_drops_the_rest(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_teardown_finishes_flushes_in_progress_and_drops_the_rest() -> None:
     sink = Sink(delay=1.0)
     with pytest.raises(RuntimeError, match="boom"):
         async with open_writer(sink, batch_size=2, flush_interval=10) as writer:
             for i in range(3):
                 await writer.write(i, id=i)
             await writer.write("held", after=[2])
-            await trio.sleep(0.5)
+            await anyio.sleep(0.5)
             raise RuntimeError("boom")
-    assert trio.current_time() == 1.0  # the flush in progress finished
+    assert anyio.current_time() == 1.0  # the flush in progress finished
     assert sink.written() == [0, 1]
     stats = writer.statistics()
     assert (stats.items_written, stats.dropped_items, stats.buffered) == (2, 2, 0)
 
 
-@pytest.mark.trio
-async def test_teardown_fails_held_write_sync_with_processor_stopped(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+@pytest.mark.anyio
+async def test_teardown_fails_held_write_sync_with_processor_stopped() -> None:
     sink = Sink(delay=1.0)
     outcomes: list[BaseException] = []
 
@@ -764,12 +704,12 @@ async def test_teardown_fails_held_write_sync_with_processor_stopped(
         except keybatch.ProcessorStopped as exc:
             outcomes.append(exc)
 
-    async with trio.open_nursery() as outer:
+    async with anyio.create_task_group() as outer:
         with pytest.raises(RuntimeError, match="boom"):
             async with open_writer(sink, flush_interval=10) as writer:
                 await writer.write("obj", key="objects", id="o1")
                 outer.start_soon(held_caller, writer)
-                await trio.testing.wait_all_tasks_blocked()
+                await anyio.wait_all_tasks_blocked()
                 assert writer.statistics().held == 1
                 raise RuntimeError("boom")
     assert len(outcomes) == 1
@@ -838,7 +778,9 @@ def test_writer_has_no_public_constructor() -> None:
     transient=st.lists(st.booleans(), max_size=10),
     delay=st.sampled_from([0.0, 0.2, 1.5]),
 )
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
 def test_every_item_is_written_once_in_order_per_key(
+    backend: str,
     writes: list[tuple[str, float]],
     batch_size: int,
     concurrent: int,
@@ -858,13 +800,13 @@ def test_every_item_is_written_once_in_order_per_key(
             for n, (key, pause) in enumerate(writes):
                 await writer.write((key, n), key=key)
                 if pause:
-                    await trio.sleep(pause)
+                    await anyio.sleep(pause)
         stats = writer.statistics()
         assert stats.items_written == len(writes)
         assert stats.buffered == 0
         assert stats.retries == len(sink.calls) - stats.flushes
 
-    run_virtual(main)
+    run_virtual(main, backend)
     successful: dict[str, list[Any]] = {}
     failing = list(transient)
     for _, key, items in sink.calls:
@@ -897,6 +839,7 @@ async def test_asyncio_flush_on_size_and_on_exit() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+@pytest.mark.anyio
 async def test_asyncio_write_sync_errors_and_retries() -> None:
     failure = ValueError("no")
     sink = Sink(failures=[OSError("transient"), failure])
@@ -968,9 +911,9 @@ class RecordingSink:
 
     async def __call__(self, key: Any, items: list[Any]) -> None:
         fail = self.script.pop(0) if self.script else False
-        start = trio.current_time()
-        await trio.sleep(self.delay)
-        self.calls.append((start, trio.current_time(), key, list(items), not fail))
+        start = anyio.current_time()
+        await anyio.sleep(self.delay)
+        self.calls.append((start, anyio.current_time(), key, list(items), not fail))
         if fail:
             raise ValueError("rejected")
 
@@ -994,7 +937,9 @@ def depends_on(n: int, back: list[int]) -> list[int]:
     delay=st.sampled_from([0.0, 0.3]),
     batch_size=st.integers(1, 4),
 )
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
 def test_dependencies_hold_and_fail_items_as_promised(
+    backend: str,
     items: list[tuple[str, list[int], bool, float]],
     script: list[bool],
     delay: float,
@@ -1007,7 +952,7 @@ def test_dependencies_hold_and_fail_items_as_promised(
     async def main() -> None:
         async with (
             open_writer(sink, batch_size=batch_size, on_error=errors) as writer,
-            trio.open_nursery() as nursery,
+            anyio.create_task_group() as nursery,
         ):
             for n, (key, back, sync, pause) in enumerate(items):
                 deps = depends_on(n, back)
@@ -1020,16 +965,16 @@ def test_dependencies_hold_and_fail_items_as_promised(
                             sync_failures[n] = exc
 
                     nursery.start_soon(write_sync, n, key, deps)
-                    await trio.testing.wait_all_tasks_blocked()
+                    await anyio.wait_all_tasks_blocked()
                 else:
                     await writer.write(n, key=key, id=n, after=deps)
                 if pause:
-                    await trio.sleep(pause)
+                    await anyio.sleep(pause)
         stats = writer.statistics()
         assert (stats.buffered, stats.held, stats.dropped_items) == (0, 0, 0)
         assert stats.items_written + stats.failed_items == len(items)
 
-    run_virtual(main)
+    run_virtual(main, backend)
     written: dict[int, tuple[int, float]] = {}  # item -> its flush, when it began
     ended: dict[int, float] = {}  # item -> when its successful flush ended
     for i, (start, end, _, call_items, ok) in enumerate(sink.calls):
@@ -1080,8 +1025,12 @@ def test_dependencies_hold_and_fail_items_as_promised(
     batch_size=st.integers(1, 5),
     delay=st.sampled_from([0.0, 0.1, 0.3]),
 )
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
 def test_cancelled_write_sync_at_any_point_leaves_nothing_stuck(
-    calls: list[tuple[str, float, float | None]], batch_size: int, delay: float
+    backend: str,
+    calls: list[tuple[str, float, float | None]],
+    batch_size: int,
+    delay: float,
 ) -> None:
     sink = Sink(delay=delay)
     returned: set[int] = set()
@@ -1089,12 +1038,14 @@ def test_cancelled_write_sync_at_any_point_leaves_nothing_stuck(
 
     async def main() -> None:
         async with open_writer(sink, batch_size=batch_size) as writer:
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 for n, (key, start, cancel_after) in enumerate(calls):
 
                     async def one(n: int, key: str, start: float, cancel: Any) -> None:
-                        await trio.sleep(start)
-                        with trio.move_on_after(math.inf if cancel is None else cancel):
+                        await anyio.sleep(start)
+                        with anyio.move_on_after(
+                            math.inf if cancel is None else cancel
+                        ):
                             await writer.write_sync(n, key=key, id=n)
                             returned.add(n)
                             return
@@ -1107,7 +1058,7 @@ def test_cancelled_write_sync_at_any_point_leaves_nothing_stuck(
             await writer.write_sync("after", key="a")  # still works
         assert writer.statistics().buffered == 0
 
-    run_virtual(main)
+    run_virtual(main, backend)
     written = sink.written()
     assert len(written) == len(set(written))  # nothing written twice
     assert returned <= set(written)

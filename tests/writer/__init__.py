@@ -1,0 +1,1 @@
+"""keybatch.writer tests."""
