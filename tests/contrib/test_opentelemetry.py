@@ -316,7 +316,10 @@ async def test_batch_span_links_each_callers_span(telemetry: Telemetry) -> None:
                 tg.start_soon(caller, i)
         await processor.run("k", telemetry.hook.traced("k", deposit), 9)  # no span
     first, second = sorted(telemetry.batch_spans(), key=lambda s: s.start_time or 0)
-    assert [link.context for link in first.links] == [callers[i] for i in range(3)]
+    # one link per caller (in call order, which trio varies between tasks)
+    assert sorted(link.context.span_id for link in first.links) == sorted(
+        c.span_id for c in callers.values()
+    )
     assert not second.links  # the captures went with their batch
 
 
