@@ -31,7 +31,12 @@ __all__ = [
     "open_loader",
 ]
 
-# Public names say they live here (reprs, pickles, docs), as in keybatch itself.
-for _name in __all__:
-    globals()[_name].__module__ = __name__
-del _name
+
+def _rehome() -> None:
+    # Public names say they live here (reprs, pickles, docs), as in keybatch itself.
+    for name in __all__:
+        globals()[name].__module__ = __name__
+
+
+_rehome()
+del _rehome

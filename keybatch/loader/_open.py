@@ -103,18 +103,19 @@ async def _open(
     cache: bool,
 ) -> AsyncIterator[Loader[K, V]]:
     body_error: BaseException | None = None
-    loader: Loader[K, V] | None = None
+    loader: Loader[K, V] = Loader._create(
+        batch_load,
+        max_wait,
+        max_batch_size,
+        cache,
+        signal_factory(),
+        _not_open,
+        _not_open,
+    )
     try:
         async with anyio.create_task_group() as tg:
-            loader = Loader._create(
-                batch_load,
-                max_wait,
-                max_batch_size,
-                cache,
-                signal_factory(),
-                tg.start_soon,
-                tg.cancel_scope.cancel,
-            )
+            loader._spawn = tg.start_soon
+            loader._abort = tg.cancel_scope.cancel
             for _ in range(concurrency):
                 await tg.start(loader._work)  # each parked before the block runs
             try:
@@ -128,9 +129,8 @@ async def _open(
             finally:
                 loader._stop()  # the workers end
     except BaseExceptionGroup as group:
-        fatal = loader._fatal if loader is not None else None
-        if fatal is not None:
-            raise fatal from None  # KeyboardInterrupt & co. come out as they are
+        if loader._fatal is not None:
+            raise loader._fatal from None  # KeyboardInterrupt & co., as they are
         if body_error is None or list(group.exceptions) != [body_error]:
             raise
         # The block's own exception comes out as it went in, not in a group.
@@ -142,7 +142,10 @@ async def _open(
             body_error.__suppress_context__ = suppress
             del body_error, group
     finally:
-        if loader is not None:
-            loader._stop()
-    if loader is not None and loader._fatal is not None:
+        loader._stop()
+    if loader._fatal is not None:
         raise loader._fatal  # KeyboardInterrupt & co. come out as they are
+
+
+def _not_open(*args: object) -> None:
+    raise RuntimeError("keybatch.loader: the loader is not open")
