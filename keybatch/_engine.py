@@ -84,7 +84,17 @@ ABORTING = EngineState.ABORTING
 class Worker:
     """One worker task's state: the keys it owns, the ones ready, its timers."""
 
-    __slots__ = ("engine", "index", "keys", "ready", "timers", "seq", "wakeup")
+    __slots__ = (
+        "engine",
+        "index",
+        "keys",
+        "ready",
+        "timers",
+        "seq",
+        "wakeup",
+        "scope",
+        "saving",
+    )
 
     def __init__(self, engine: Engine, index: int) -> None:
         self.engine = engine
@@ -95,6 +105,11 @@ class Worker:
         self.timers: list[tuple[float, int, KeyState, int]] = []
         self.seq = itertools.count()
         self.wakeup: Any = None  # the event the worker sleeps on, or None
+        # The worker runs in a shielded scope of its own, so an outer cancellation
+        # never interrupts a save; teardown cancels this scope instead, unless
+        # the worker is saving (the stop then takes effect after the save).
+        self.scope: Any = None
+        self.saving = False
 
     def __repr__(self) -> str:
         return (
@@ -253,6 +268,8 @@ class Engine:
             return
         self.admission.refuse_all()
         for worker in self.workers:
+            if abort and worker.scope is not None and not worker.saving:
+                worker.scope.cancel()
             for st in worker.keys.values():
                 if st.phase is OPEN:
                     worker.schedule(st)
@@ -294,48 +311,56 @@ class Engine:
 
     async def run_worker(self, worker: Worker) -> None:
         """One worker task. Returns once stopping and it owns no key."""
+        try:
+            with self.backend.cancel_scope(shield=True) as worker.scope:
+                if self.state is ABORTING:
+                    worker.scope.cancel()
+                try:
+                    await self._loop(worker)
+                except BaseException:
+                    self._abort_worker(worker)
+                    raise
+        finally:
+            worker.scope = None
+            self.running -= 1
+            if self.running == 0:
+                self.all_stopped.set()
+
+    async def _loop(self, worker: Worker) -> None:
         ready = worker.ready
         timers = worker.timers
         clock = self.clock
         since_yield = 0
-        try:
-            while True:
-                if self.state is ABORTING:
-                    self._abort_worker(worker)
-                    return
-                if timers:  # due windows join the ready queue, in FIFO order
-                    now = clock()
-                    while timers and timers[0][0] <= now:
-                        _, _, st, batch_no = heappop(timers)
-                        if st.phase is OPEN and st.batch_no == batch_no:
-                            worker.schedule(st)
-                if ready:
-                    st = ready.popleft()
-                    st.in_ready = False
-                    phase = st.phase
-                    if phase is NEW:
-                        await self._start(worker, st)
-                    elif phase is OPEN:
-                        reason = self._close_reason(st)
-                        if reason is not None:
-                            await self._close(worker, st, reason)
-                    since_yield += 1
-                    if since_yield >= _YIELD_EVERY:
-                        # In-memory loads and saves never yield: let others run.
-                        since_yield = 0
-                        await self.backend.checkpoint()
-                    continue
-                if self.state is not RUNNING and not worker.keys:
-                    return
-                since_yield = 0
-                await self._sleep(worker, timers[0][0] if timers else math.inf)
-        except BaseException:
-            self._abort_worker(worker)
-            raise
-        finally:
-            self.running -= 1
-            if self.running == 0:
-                self.all_stopped.set()
+        while True:
+            if self.state is ABORTING:
+                self._abort_worker(worker)
+                return
+            if timers:  # due windows join the ready queue, in FIFO order
+                now = clock()
+                while timers and timers[0][0] <= now:
+                    _, _, st, batch_no = heappop(timers)
+                    if st.phase is OPEN and st.batch_no == batch_no:
+                        worker.schedule(st)
+            if ready:
+                st = ready.popleft()
+                st.in_ready = False
+                phase = st.phase
+                if phase is NEW:
+                    await self._start(worker, st)
+                elif phase is OPEN:
+                    reason = self._close_reason(st)
+                    if reason is not None:
+                        await self._close(worker, st, reason)
+                since_yield += 1
+                if since_yield >= _YIELD_EVERY:
+                    # In-memory loads and saves never yield: let others run.
+                    since_yield = 0
+                    await self.backend.checkpoint()
+                continue
+            if self.state is not RUNNING and not worker.keys:
+                return
+            since_yield = 0
+            await self._sleep(worker, timers[0][0] if timers else math.inf)
 
     async def _sleep(self, worker: Worker, deadline: float) -> None:
         wakeup = worker.wakeup = self.new_event()
@@ -463,7 +488,7 @@ class Engine:
                     save_failure = outcome
                     break
                 self.counters.conflict()
-                if replays >= options.max_replays:
+                if replays >= options.max_replays or self.state is ABORTING:
                     save_failure = SaveFailure(outcome, False)
                     break
                 # Another writer saved first: load again, apply the same
@@ -506,9 +531,17 @@ class Engine:
         save = self.options.save
         assert save is not None
         failure: BaseException | None = None
+        worker = st.worker
+        deadline = st.deadline
+        late = False
+        worker.saving = True
         try:
-            with backend.cancel_scope(deadline=st.deadline, shield=True) as scope:
+            if deadline == math.inf:
                 _, failure = await _guarded(save, (st.key, resource), backend)
+            else:
+                with backend.cancel_scope(deadline=deadline) as scope:
+                    _, failure = await _guarded(save, (st.key, resource), backend)
+                late = scope.cancelled_caught
         except BaseException as exc:
             batch = st.closing
             assert batch is not None
@@ -517,12 +550,12 @@ class Engine:
                 if slot._state is VALUE:
                     slot._state = SlotState.SAVE_FAILED
                     slot._outcome = broken
-            self._finish(
-                st.worker, st, batch, None, 0, None, None, broken, 0
-            )  # fmt: skip
+            self._finish(worker, st, batch, None, 0, None, None, broken, 0)
             raise
+        finally:
+            worker.saving = False
         if failure is None:
-            if scope.cancelled_caught:
+            if late:
                 return SaveFailure(
                     _timeout(st.key, "save", self.options.max_duration), True
                 )

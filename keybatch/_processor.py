@@ -534,13 +534,17 @@ async def _open(options: Options) -> AsyncIterator[Processor[Any]]:
             try:
                 yield proc
             except BaseException as exc:
-                # Teardown: stop admitting first, then the task group cancels
-                # the workers; they fail what was not applied, and shielded
-                # saves finish.
+                # Teardown: stop admitting first, then cancel the workers (a
+                # worker that is saving finishes its save first); they fail
+                # what was not applied.
                 body_error = exc
                 engine.begin_stop(abort=True)
                 raise
-            await proc.aclose()
+            try:
+                await proc.aclose()
+            except BaseException:
+                engine.begin_stop(abort=True)  # the graceful stop was cut short
+                raise
     except BaseExceptionGroup as group:
         # The user's own exception (or cancellation) comes out as it went in,
         # not wrapped in a group by our internal task group.
