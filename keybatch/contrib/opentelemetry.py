@@ -34,6 +34,8 @@ from opentelemetry.util.types import AttributeValue
 
 from keybatch import BatchReport, Conflict, LoadError, SaveError
 
+from . import _read_statistics
+
 if TYPE_CHECKING:
     from keybatch import Processor, ProcessorStatistics
 
@@ -128,12 +130,25 @@ def _finished(stats: ProcessorStatistics) -> bool:
 class _Observed:
     """A processor whose statistics feed the gauges."""
 
-    __slots__ = ("attributes", "finished_in", "processor")
+    __slots__ = ("attributes", "finished_in", "processor", "snapshot", "used_by")
 
     def __init__(self, processor: Processor[Any], attributes: dict[str, Any]) -> None:
         self.processor = processor
         self.attributes = attributes
         self.finished_in: set[str] = set()
+        # One statistics() read serves each gauge once: a collection round
+        # reads it once, and a gauge asking again starts the next round.
+        self.snapshot: ProcessorStatistics | None = None
+        self.used_by: set[str] = set()
+
+    def statistics(self, gauge: str) -> ProcessorStatistics:
+        snapshot = self.snapshot
+        if snapshot is None or gauge in self.used_by:
+            snapshot = self.snapshot = _read_statistics(self.processor)
+            self.used_by = {gauge}
+        else:
+            self.used_by.add(gauge)
+        return snapshot
 
 
 # (gauge name, statistics field, unit, description)
@@ -532,7 +547,7 @@ class BatchTracer:
             found: list[metrics.Observation] = []
             for observed in self._observed:
                 try:
-                    stats = observed.processor.statistics()
+                    stats = observed.statistics(name)
                     found.append(
                         metrics.Observation(getattr(stats, field), observed.attributes)
                     )

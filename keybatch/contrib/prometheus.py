@@ -37,6 +37,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from keybatch import BatchReport
 
+from . import _read_statistics
+
 if TYPE_CHECKING:
     from keybatch import Processor, ProcessorStatistics
 
@@ -227,7 +229,7 @@ class StatisticsCollector:
         done: list[tuple[Processor[Any], str]] = []
         for processor, name in self._observed:
             try:
-                stats = processor.statistics()
+                stats = _read_statistics(processor)
             except Exception:
                 logger.warning(
                     "keybatch: statistics() of processor %r failed", name, exc_info=True

@@ -318,3 +318,33 @@ def test_a_failing_hook_never_raises(caplog: pytest.LogCaptureFixture) -> None:
         hook("not a report")  # type: ignore[arg-type]
     assert histograms.errors == 2
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG]
+
+
+def test_a_read_that_meets_the_loop_mid_change_is_retried() -> None:
+    """statistics() from a scrape thread can raise RuntimeError; read again."""
+    stats = keybatch.ProcessorStatistics(
+        workers=1,
+        keys=0,
+        active_batches=0,
+        pending_operations=7,
+        operations_done=0,
+        batches_done=0,
+        load_failures=0,
+        save_failures=0,
+        operation_failures=0,
+        operations_withdrawn=0,
+        stopping=False,
+    )
+
+    class Busy:
+        failures = 3
+
+        def statistics(self) -> keybatch.ProcessorStatistics:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("dictionary changed size during iteration")
+            return stats
+
+    registry = CollectorRegistry()
+    StatisticsCollector(registry).observe(Busy(), "busy")  # type: ignore[arg-type]
+    assert value(scrape(registry), "keybatch_pending_operations", processor="busy") == 7
