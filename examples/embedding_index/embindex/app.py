@@ -104,6 +104,30 @@ class KeybatchMiddleware(Middleware):
             raise RuntimeError("the keybatch processor did not open in time")
         log.info("keybatch processor open")
 
+    def before_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        """A message failed for good (retries exhausted): fail its task.
+
+        Expected failures are recorded by the actors themselves; this catches
+        the unexpected ones, so that no task stays open after its message died.
+        """
+        if message.actor_name not in ACTORS or not message.args:
+            return
+        exception = getattr(message, "_exception", None)
+        if exception is not None:
+            reason = f"{type(exception).__name__}: {exception}"
+        else:
+            lines = str(message.options.get("traceback", "")).strip().splitlines()
+            reason = lines[-1] if lines else "unknown error"
+        retries = message.options.get("retries", 0)
+        try:
+            self.service.store.finish_task(
+                int(message.args[0]),
+                "failed",
+                error=f"{message.actor_name} gave up after {retries} retries: {reason}",
+            )
+        except Exception:
+            log.exception("could not record the failure of %s", message)
+
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         if self._future is None or self._loop is None:
             return

@@ -88,6 +88,8 @@ class Cluster:
         self.log_level = log_level
         self.procs: list[subprocess.Popen[str] | None] = [None] * processes
         self.stats: list[str] = []
+        self._dead: list[subprocess.Popen[str]] = []
+        self._stopped: list[subprocess.Popen[str]] = []
         self._readers: list[threading.Thread] = []
 
     def _env(self) -> dict[str, str]:
@@ -142,6 +144,7 @@ class Cluster:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         self.procs[index] = None
+        self._dead.append(proc)
         return proc.pid
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -157,8 +160,15 @@ class Cluster:
                 proc.kill()
                 proc.wait()
             self.procs[index] = None
+            self._stopped.append(proc)
         for reader in self._readers:
             reader.join(5)
+        self._readers.clear()
+        for proc in [*self._dead, *self._stopped]:
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._dead.clear()
+        self._stopped.clear()
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -242,7 +242,8 @@ async def test_reindex_waits_with_bounded_attempts(
                 ("reindex", "gamma", {"dest": "beta"}),
             ]
         )
-        await service.reindex(holder)
+        await service.upsert(upserts(store, "alpha", [("a", "text a")]))
+        await service.reindex(holder)  # its chunk never runs: it holds the lock
         for _ in range(settings.reschedule_attempts + 1):
             await service.reindex(blocked)
         retries = sent.take("reindex_worker")
@@ -266,7 +267,8 @@ async def test_reindex_refused_without_waiting(
                 ("reindex", "beta", {"dest": "alpha"}),
             ]
         )
-        await service.reindex(holder)
+        await service.upsert(upserts(store, "alpha", [("a", "text a")]))
+        await service.reindex(holder)  # its chunk never runs: it holds the lock
         with pytest.raises(ReindexRefused, match=f"locked by reindex #{holder}"):
             await service.reindex(blocked)
     task = store.task(blocked)
