@@ -255,7 +255,7 @@ def plot(results: list[dict[str, Any]], directory: str) -> None:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(f"{directory}/overhead_vs_floor.png", dpi=110)
+    fig.savefig(f"{directory}/overhead_cells.png", dpi=110)
     plt.close(fig)
 
 
