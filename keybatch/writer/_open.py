@@ -210,11 +210,7 @@ async def _open(create: Callable[[], Writer[Any]]) -> AsyncIterator[Writer[Any]]
                 body_error = exc
                 writer._abort()
                 raise
-            try:
-                await writer._close(True)
-            except BaseException:
-                writer._abort()
-                raise
+            await writer.aclose()  # nothing to do if the block closed it
             tg.cancel_scope.cancel()  # the timer task
     except BaseExceptionGroup as group:
         if writer._fatal is not None:

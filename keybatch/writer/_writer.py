@@ -223,7 +223,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         if self._state == RUNNING and self._count >= self._max_buffered:
             await self._wait_for_room()
             try:
-                deps = self._check(key, id, after)  # the ids may have moved
+                self._check(key, id, deps)  # the ids may have moved meanwhile
             except BaseException:
                 self._room.pass_on()  # a refused waiter passes its room on
                 raise
@@ -303,9 +303,9 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         if self._state == RUNNING and self._count >= self._max_buffered:
             await self._wait_for_room()
             try:
-                deps = self._check(key, id, after)
+                self._check(key, id, deps)  # the ids may have moved meanwhile
             except BaseException:
-                self._room.pass_on()
+                self._room.pass_on()  # a refused waiter passes its room on
                 raise
         entry = self._accept(item, key, id, deps, self._new_event())
         if entry.failure is not None:  # an id it names failed already
@@ -465,7 +465,11 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
             else:
                 await self._checkpoint()
             return []
-        return await self._close(flush)
+        try:
+            return await self._close(flush)
+        except BaseException:
+            self._abort()
+            raise
 
     # ------------------------------------------------------------- buffering
 
@@ -843,6 +847,9 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
             self._failed_items += len(failures)
         else:
             self._dropped += len(failures)
+            for wait in self._flush_waits:  # they will raise: items were dropped
+                if any(entry.seq <= wait.mark for entry, _ in failures):
+                    wait.dropped = True
         reasons: list[tuple[Hashable, str]] = []
         for entry, exc in failures:
             self._record(entry, exc)
@@ -979,9 +986,6 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
             if flush.scope is not None and not flush.in_sink:
                 flush.scope.cancel()  # a backoff or a wait for a slot: retries end
         self._drop_everything(reason)
-        for wait in self._flush_waits:
-            wait.dropped = True
-            wait.event.set()
         if self._timer_wake is not None:
             self._timer_wake.set()
         self._check_drained()

@@ -119,12 +119,16 @@ async def test_fault_5_a_refused_waiter_does_not_lose_the_room() -> None:
 
 
 async def test_fault_6_callers_outside_a_cancelled_owner_are_told() -> None:
-    sink = Sink(delay=0.5)
+    # One slot, taken by a long flush: the other items wait in the buffer.
+    sink = Sink(delays={"busy": 5.0})
     outcomes: dict[str, BaseException] = {}
     with anyio.fail_after(100):
         async with anyio.create_task_group() as outside:
             with anyio.CancelScope() as owner:
-                async with open_writer(sink, flush_interval=10) as writer:
+                async with open_writer(
+                    sink, batch_size=1, concurrent_flushes=1
+                ) as writer:
+                    await writer.write("x", key="busy")
                     await writer.write("obj", id="o1")
 
                     async def call(name: str, fn: Any) -> None:
