@@ -586,7 +586,8 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
                 for entry in entries:
                     entry.attempts += 1
                 result, error, interrupted = await self._call_sink(flush, key, entries)
-                self._free += 1  # the slot goes back before anything else
+                self._free += 1  # the slot goes back before anything else:
+                self._pump()  # a key waiting for it goes while this one backs off
                 if interrupted:
                     self._interrupted(flush, entries)
                     break

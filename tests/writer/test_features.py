@@ -307,6 +307,19 @@ async def test_a_backoff_holds_no_slot() -> None:
         assert sink.times("y") == [0.1]
 
 
+@pytest.mark.anyio
+async def test_a_key_waiting_for_the_slot_goes_while_another_backs_off() -> None:
+    sink = Sink(script=[OSError("down")], delay=1.0)
+    async with open_writer(
+        sink, batch_size=1, concurrent_flushes=1, backoff=lambda retry: 5.0
+    ) as writer:
+        await writer.write("x", key="failing")  # its call: 0.0 to 1.0, fails
+        await writer.write("y", key="waiting")  # queued for the only slot
+        await anyio.sleep(3)
+        assert sink.times("y") == [1.0]
+    assert sink.times("x") == [0.0, 6.0]
+
+
 # ---------------------------------------------------------------------------
 # Invariant: every accepted item is counted once
 # ---------------------------------------------------------------------------
