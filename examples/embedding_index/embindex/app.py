@@ -210,7 +210,7 @@ def build_app(settings: Settings, broker: dramatiq.Broker) -> App:
     Dramatiq's Retries middleware (3 times, from 1 s); `ReindexRefused` is not
     retried (``throws``).
     """
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, settings.synchronous)
     store.init()
     holder: dict[str, App] = {}
 

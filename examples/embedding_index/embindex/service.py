@@ -34,7 +34,7 @@ import keybatch
 
 from .embedders import Embedder, get_embedder
 from .settings import Settings
-from .store import Busy, Store, Task, UnknownModel
+from .store import Busy, LockRow, Store, Task, UnknownModel
 
 __all__ = [
     "BadTask",
@@ -236,21 +236,33 @@ class IndexService:
     # -- helpers ----------------------------------------------------------------------
 
     async def _task(self, task_id: int, kind: str) -> Task | None:
-        task = await anyio.to_thread.run_sync(self.store.task, task_id)
+        task, _ = await self._task_and_lock(task_id, kind, lock=False)
+        return task
+
+    async def _task_and_lock(
+        self, task_id: int, kind: str, *, lock: bool = True
+    ) -> tuple[Task | None, LockRow | None]:
+        """The open task of that kind (and the live lock on its model), or None."""
+        if lock:
+            task, held = await anyio.to_thread.run_sync(
+                self.store.task_and_lock, task_id
+            )
+        else:
+            task, held = await anyio.to_thread.run_sync(self.store.task, task_id), None
         if task is None:
             log.warning("%s task #%s does not exist: ignored", kind, task_id)
             self.stats["unknown_tasks"] += 1
-            return None
+            return None, None
         if task.kind != kind:
             await self._fail(
                 task, f"task #{task_id} is a {task.kind!r} task, not {kind!r}"
             )
-            return None
+            return None, None
         if task.terminal:
             log.info("task #%s is %s already: redelivery ignored", task_id, task.status)
             self.stats["redelivered"] += 1
-            return None
-        return task
+            return None, None
+        return task, held
 
     async def _fail(self, task: Task, error: str, status: str = "failed") -> None:
         log.info("task #%s %s: %s", task.id, status, error)
@@ -287,25 +299,25 @@ class IndexService:
 
     async def upsert(self, task_id: int) -> None:
         """upsertion_worker's body. Cancellation: as `processor.run`."""
-        task = await self._task(task_id, "upsert")
+        task, lock = await self._task_and_lock(task_id, "upsert")
         if task is not None:
-            await self._mutate(task, "upsertion_worker", upsert_op, parse_upserts)
+            await self._mutate(task, lock, "upsertion_worker", upsert_op, parse_upserts)
 
     async def delete(self, task_id: int) -> None:
         """deletion_worker's body. Cancellation: as `processor.run`."""
-        task = await self._task(task_id, "delete")
+        task, lock = await self._task_and_lock(task_id, "delete")
         if task is not None:
-            await self._mutate(task, "deletion_worker", delete_op, parse_deletes)
+            await self._mutate(task, lock, "deletion_worker", delete_op, parse_deletes)
 
     async def _mutate(
         self,
         task: Task,
+        lock: LockRow | None,
         actor: str,
         op: Callable[[ModelBatch, int, Any], int],
         parse: Callable[[dict[str, Any], Settings], Any],
     ) -> None:
         s = self.settings
-        lock = await anyio.to_thread.run_sync(self.store.live_lock, task.model)
         if lock is not None and not s.forwarding:
             reason = f"model {task.model!r} is locked by reindex #{lock.owner}"
             if s.waiting:

@@ -56,6 +56,8 @@ class Settings:
         save_timeout: keybatch ``max_duration``: load + embed + save deadline.
         processor_workers: keybatch worker tasks per process.
         threads: Dramatiq worker threads per process (concurrent tasks).
+        synchronous: SQLite ``PRAGMA synchronous`` (NORMAL: WAL commits are
+            not fsynced one by one; FULL: every commit is).
         heartbeat_timeout_ms: Dramatiq Redis broker: silence after which a
             worker counts as dead and its unacknowledged messages go back.
         maintenance_chance: Dramatiq Redis broker: per million commands, how
@@ -81,6 +83,7 @@ class Settings:
     save_timeout: float = 300.0
     processor_workers: int = 8
     threads: int = 32
+    synchronous: str = "NORMAL"
     heartbeat_timeout_ms: int = 60_000
     maintenance_chance: int = 1000
 
@@ -90,6 +93,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_items_per_task < 1 or self.max_batch_ops < 1:
             raise ValueError("max_items_per_task and max_batch_ops must be >= 1")
+        if self.synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError("synchronous must be OFF, NORMAL, FULL or EXTRA")
         if self.reschedule_delay < 0 or self.window < 0 or self.lock_ttl <= 0:
             raise ValueError("delays must be >= 0 and lock_ttl > 0")
 

@@ -207,8 +207,9 @@ class Store:
     them through ``anyio.to_thread.run_sync``.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
         self.path = path
+        self.synchronous = synchronous.upper()
         self._sqlite = sqlite_module()
         self._local = threading.local()
         self._all: list[Any] = []
@@ -226,7 +227,7 @@ class Store:
             sqlite_vec.load(conn)
             conn.enable_load_extension(False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA busy_timeout=60000")
             self._local.conn = conn
             with self._all_lock:
@@ -432,6 +433,13 @@ class Store:
             (model,),
         ).fetchone()
         return None if row is None else LockRow(*row)
+
+    def task_and_lock(self, task_id: int) -> tuple[Task | None, LockRow | None]:
+        """A task and the live lock on its model (one trip to a thread)."""
+        task = self.task(task_id)
+        if task is None or task.terminal:
+            return task, None
+        return task, self.live_lock(task.model)
 
     def live_lock(self, model: str) -> LockRow | None:
         """The unexpired lock on ``model``; an expired one is broken first.

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.stop()
     app.broker.close()
     app.store.close()
-    stats = ", ".join(f"{k}={v}" for k, v in sorted(app.service.stats.items()))
+    stats = " ".join(f"{k}={v}" for k, v in sorted(app.service.stats.items()))
     print(f"stopped pid={os.getpid()} {stats}", flush=True)
     return 0
 
