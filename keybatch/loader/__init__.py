@@ -11,32 +11,22 @@ Built on anyio and on keybatch's public exceptions only (plus the documented
 cache on, a table of the ids being loaded so that later loads share the call.
 """
 
-# isort: off
-# The order of the API reference (mkdocstrings lists names in import order).
-from ._errors import BatchLoadError
-from ._errors import LoadFailed
-from ._records import LoaderStatistics
+from keybatch._util import publish
+
+from ._errors import BatchLoadError, LoadFailed
 from ._handle import PendingLoad
 from ._loader import Loader
 from ._open import open_loader
+from ._records import LoaderStatistics
 
-# isort: on
-
+# The order of __all__ is the API reference's.
 __all__ = [
+    "open_loader",
+    "Loader",
+    "PendingLoad",
+    "LoaderStatistics",
     "BatchLoadError",
     "LoadFailed",
-    "Loader",
-    "LoaderStatistics",
-    "PendingLoad",
-    "open_loader",
 ]
 
-
-def _rehome() -> None:
-    # Public names say they live here (reprs, pickles, docs), as in keybatch itself.
-    for name in __all__:
-        globals()[name].__module__ = __name__
-
-
-_rehome()
-del _rehome
+publish(globals())  # public names say they live here (reprs, pickles, docs)

@@ -15,7 +15,7 @@ Built on anyio and on keybatch's public exceptions only (plus the documented
 (`keybatch.writer._graph`) that returns decisions the writer applies.
 """
 
-import contextlib
+from keybatch._util import publish
 
 from ._errors import DependencyFailed, WriteError
 from ._open import open_writer
@@ -39,12 +39,4 @@ __all__ = [
 ]
 
 
-def _rehome() -> None:
-    # Public names say they live here (reprs, pickles, docs), as in keybatch itself.
-    for name in __all__:
-        with contextlib.suppress(AttributeError, TypeError):  # MAX_BACKOFF: a float
-            globals()[name].__module__ = __name__
-
-
-_rehome()
-del _rehome
+publish(globals())  # public names say they live here (reprs, pickles, docs)
