@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Hashable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+from collections.abc import Callable, Generator, Hashable
+from typing import Any, Generic, TypeVar, final
 
 from keybatch._util import NoPublicConstructor
 
 from ._window import DONE, Window
-
-if TYPE_CHECKING:
-    from ._loader import Loader
 
 __all__ = ["PendingLoad"]
 
@@ -27,12 +24,16 @@ class PendingLoad(Generic[V], metaclass=NoPublicConstructor):
     the loader, never directly.
     """
 
-    __slots__ = ("_loader", "_id", "_window", "_value")
+    __slots__ = ("_outcome", "_id", "_window", "_value")
 
     def __init__(
-        self, loader: Loader[Any, V], id: Hashable, window: Window | None, value: Any
+        self,
+        outcome: Callable[[Window, Any], V],
+        id: Hashable,
+        window: Window | None,
+        value: Any,
     ) -> None:
-        self._loader = loader
+        self._outcome = outcome  # the loader's: the value or the exception
         self._id = id
         self._window = window  # None: answered from the cache (`_value`)
         self._value = value
@@ -74,7 +75,7 @@ class PendingLoad(Generic[V], metaclass=NoPublicConstructor):
             return self._value  # type: ignore[no-any-return]
         if window.state != DONE:
             await window.signal.wait()
-        return self._loader._outcome(window, self._id)
+        return self._outcome(window, self._id)
 
     def __await__(self) -> Generator[Any, None, V]:
         return self.result().__await__()

@@ -197,7 +197,7 @@ class Loader(Generic[K, V], metaclass=NoPublicConstructor):
         """
         window = self._enqueue(id)
         value = self._cache[id] if window is None else None  # type: ignore[index]
-        handle: PendingLoad[V] = PendingLoad._create(self, id, window, value)
+        handle: PendingLoad[V] = PendingLoad._create(self._outcome, id, window, value)
         return handle
 
     async def load_many(self, ids: Iterable[K]) -> list[V]:
