@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,11 @@ def single(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for mode in args.modes:
         env = {"BANK_MODE": mode, "BANK_WORKERS": str(args.workers), **args.env}
-        with open_cluster(
-            1, own_postgres=args.own_postgres, env=env, nginx=False
-        ) as cluster:
-            for connections in args.connections:
+        for connections in args.connections:
+            # A fresh process (and database) per cell: /stats covers this run.
+            with open_cluster(
+                1, own_postgres=args.own_postgres, env=env, nginx=False
+            ) as cluster:
                 wrk(cluster.url, 50, 2, args.accounts, f"warm{connections}")
                 result = wrk(
                     cluster.url,
@@ -140,6 +142,11 @@ def single(args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"{mode}{connections}x",
                 )
                 row = {"mode": mode, "connections": connections, **result}
+                found = stats(cluster)[0]
+                row["responses"] = found["responses"]
+                row["causes"] = found["causes"]
+                if mode == "keybatch":
+                    row["batches"] = found["batches"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
@@ -248,8 +255,8 @@ def pg_restart(args: argparse.Namespace) -> dict[str, Any]:
             if status == 200
             if t >= back
         )
-        failed_late = sum(
-            1
+        failed_late = Counter(
+            str(status)
             for s in result.sent
             for t, status in s.attempts
             if status != 200 and t > back + 1.0 and status != 409
@@ -261,7 +268,7 @@ def pg_restart(args: argparse.Namespace) -> dict[str, Any]:
             "first_success_after_db_back_s": (
                 round(ok_after[0] - back, 3) if ok_after else None
             ),
-            "failures_later_than_1s_after_db_back": failed_late,
+            "failures_later_than_1s_after_db_back": dict(failed_late),
         }
     print(json.dumps(report, indent=2))
     return report

@@ -131,7 +131,8 @@ def test_the_postgres_recipe_runs_and_survives_terminated_backends(
     dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KEYBATCH_PG_DSN", dsn)
-    exec(compile(recipe_code(), str(RECIPES), "exec"), {"__name__": "__main__"})
+    code = compile(recipe_code(), str(RECIPES), "exec", dont_inherit=True)
+    exec(code, {"__name__": "__main__"})
     out = capsys.readouterr().out
     assert "every deposit saved: True" in out
     assert re.search(r"after the backends died: \d+", out)
@@ -145,7 +146,7 @@ def test_the_postgres_recipe_recovers_after_a_restart(own_postgres: Postgres) ->
 
     namespace: dict[str, Any] = {"__name__": "recipe"}
     code = recipe_code().replace("trio.run(main)", "")
-    exec(compile(code, str(RECIPES), "exec"), namespace)
+    exec(compile(code, str(RECIPES), "exec", dont_inherit=True), namespace)
     store = namespace["PgAccounts"](own_postgres.dsn, connections=4)
     deposit = namespace["Account"].deposit
 
