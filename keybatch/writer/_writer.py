@@ -591,7 +591,9 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
                 if interrupted:
                     self._interrupted(flush, entries)
                     break
-                if error is not None and not isinstance(error, Exception):
+                if error is not None and not isinstance(
+                    error, (Exception, self._cancelled)
+                ):
                     # KeyboardInterrupt and the like: these items fail, and the
                     # writer stops; the block re-raises it once torn down.
                     flush.error = error
