@@ -10,10 +10,13 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import keybatch
 from keybatch.writer import DependencyFailed, WriteError, open_writer
 
+from ..loader.test_loader import run_virtual
 from ._support import Errors, Sink
 
 pytestmark = pytest.mark.anyio
@@ -302,3 +305,69 @@ async def test_fault_13_flush_during_teardown_raises() -> None:
     assert len(raised) == 1
     assert sorted(sink.written()) == ["a", "b"]
     assert writer.statistics().dropped_items == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    items=st.lists(
+        st.tuples(
+            st.sampled_from("abc"),  # key
+            st.lists(st.integers(1, 3), max_size=2),  # after: how many items back
+            st.booleans(),  # write_sync
+            st.sampled_from([0.0, 0.0, 0.2]),  # pause after it
+        ),
+        min_size=1,
+        max_size=15,
+    ),
+    flush_after=st.integers(0, 15),
+    delay=st.sampled_from([0.0, 0.1, 0.5]),
+    script=st.lists(st.booleans(), max_size=5),
+)
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_fault_4_flush_covers_every_item_accepted_before_it(
+    backend: str,
+    items: list[tuple[str, list[int], bool, float]],
+    flush_after: int,
+    delay: float,
+    script: list[bool],
+) -> None:
+    sink = Sink(delay=delay, script=[ValueError("no") if s else None for s in script])
+    finished: set[int] = set()
+    errors = Errors()
+
+    async def main() -> None:
+        async with (
+            open_writer(
+                sink, flush_interval=10, batch_size=3, on_error=errors
+            ) as writer,
+            anyio.create_task_group() as tg,
+        ):
+            accepted: list[int] = []
+            for n, (key, back, sync, pause) in enumerate(items):
+                after = [n - b for b in back if n - b >= 0]
+                if sync:
+
+                    async def one(n: int, key: str, after: list[int]) -> None:
+                        try:
+                            await writer.write_sync(n, key=key, id=n, after=after)
+                        except WriteError:
+                            pass
+                        finally:
+                            finished.add(n)
+
+                    tg.start_soon(one, n, key, after)
+                    await anyio.wait_all_tasks_blocked()  # it was accepted
+                else:
+                    await writer.write(n, key=key, id=n, after=after)
+                accepted.append(n)
+                if n == flush_after:
+                    covered = set(accepted)
+                    await writer.flush()
+                    written = set(sink.written())
+                    failed = set(errors.items())
+                    # every item accepted before the call was written or failed
+                    assert covered <= written | failed
+                if pause:
+                    await anyio.sleep(pause)
+
+    run_virtual(main, backend)
