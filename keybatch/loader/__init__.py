@@ -5,10 +5,11 @@ from many tasks. The ids asked for within one window go to one
 `await batch_load(ids)` call, which returns a mapping from id to value; each
 caller gets its own value, or its own exception.
 
-Built on anyio and on keybatch's public exceptions only (plus the documented
-`keybatch._util` helpers for its classes): a list of ids per window, one
-`batch_load` per window run by one of `concurrency` worker tasks, and, with the
-cache on, a table of the ids being loaded so that later loads share the call.
+Built on anyio and on keybatch's public exceptions only, plus
+`NoPublicConstructor` and `publish` from `keybatch._util` (the one internal
+module meant for it): a list of ids per window, one `batch_load` per window run
+by one of `concurrency` worker tasks, and, with the cache on, a table of the ids
+being loaded so that later loads share the call.
 """
 
 from keybatch._util import publish

@@ -9,8 +9,9 @@ report per-item failures with [`Partial`][keybatch.writer.Partial]; items that
 finally fail go to `on_error` and to
 [`Writer.results`][keybatch.writer.Writer.results].
 
-Built on anyio and on keybatch's public exceptions only (plus the documented
-`keybatch._util.NoPublicConstructor`): per-key buffers, one timer task, at most
+Built on anyio and on keybatch's public exceptions only, plus
+`NoPublicConstructor` and `publish` from `keybatch._util` (the one internal
+module meant for it): per-key buffers, one timer task, at most
 `concurrent_flushes` sink calls at once, and a dependency graph
 (`keybatch.writer._graph`) that returns decisions the writer applies.
 """
