@@ -238,7 +238,7 @@ def check(result: LoadResult, dsn: str, schema: str) -> dict[str, Any]:
                 (result.accounts,),
             )
         }
-        balances = dict(
+        balances: dict[str, int] = dict(
             conn.execute(
                 f'SELECT id, balance FROM "{schema}".accounts WHERE id = ANY(%s)',
                 (result.accounts,),
