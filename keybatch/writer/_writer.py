@@ -74,6 +74,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         "_running",
         "_drained",
         "_close_deadline",
+        "_scope_deadline",
         "_spawn",
         "_cancel_all",
         "_clock",
@@ -136,7 +137,8 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         self._urgent = 0  # entries with seq <= this are flushed without delay
         self._running: set[Flush] = set()  # flushes in progress
         self._drained: Any = None  # set when closing and nothing is left
-        self._close_deadline = math.inf
+        self._close_deadline = math.inf  # when closing must be over
+        self._scope_deadline = math.inf  # the flushes' steps end by then
         self._spawn: Callable[..., object] = _not_open
         self._cancel_all: Callable[[], object] = _not_open
         self._clock: Callable[[], float] = anyio.current_time
@@ -647,7 +649,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         result: object = None
         error: BaseException | None = None
         interrupted = False
-        with anyio.CancelScope(shield=True, deadline=self._close_deadline) as scope:
+        with anyio.CancelScope(shield=True, deadline=self._scope_deadline) as scope:
             flush.scope = scope
             flush.in_sink = True
             try:
@@ -668,7 +670,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
         or `close_timeout` ended the retries meanwhile."""
         if self._aborting:
             return False
-        with anyio.CancelScope(shield=True, deadline=self._close_deadline) as scope:
+        with anyio.CancelScope(shield=True, deadline=self._scope_deadline) as scope:
             flush.scope = scope
             await anyio.sleep(delay)
         flush.scope = None
@@ -683,7 +685,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
             return True
         event = self._new_event()
         self._slot_waiters.append(event)
-        with anyio.CancelScope(shield=True, deadline=self._close_deadline) as scope:
+        with anyio.CancelScope(shield=True, deadline=self._scope_deadline) as scope:
             flush.scope = scope
             await event.wait()
         flush.scope = None
@@ -958,13 +960,7 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
     def _start_close_clock(self) -> None:
         if self._close_timeout is None or self._close_deadline < math.inf:
             return
-        deadline = self._close_deadline = self._clock() + self._close_timeout
-        for scope in self._scopes():
-            scope.deadline = min(scope.deadline, deadline)
-
-    def _scopes(self) -> list[Any]:
-        # the cancel scopes of the flushes in progress (their current step)
-        return [flush.scope for flush in self._running if flush.scope is not None]
+        self._close_deadline = self._clock() + self._close_timeout
 
     def _check_drained(self) -> None:
         drained = self._drained
@@ -985,10 +981,20 @@ class Writer(Generic[T], metaclass=NoPublicConstructor):
             self._drained = self._new_event()
         self._room.release_all()
         self._start_close_clock()
-        for flush in self._running:
-            if flush.scope is not None and not flush.in_sink:
-                flush.scope.cancel()  # a backoff or a wait for a slot: retries end
+        # What no sink call holds is dropped first; then the sink calls in
+        # progress get the close deadline (past already if close_timeout is
+        # what ended the close: they are cut short now), and a backoff or a
+        # wait for a slot ends at once: no more retries.
         self._drop_everything(reason)
+        deadline = self._scope_deadline = self._close_deadline
+        for flush in self._running:
+            scope = flush.scope
+            if scope is None:
+                continue
+            if flush.in_sink:
+                scope.deadline = min(scope.deadline, deadline)
+            else:
+                scope.cancel()
         if self._timer_wake is not None:
             self._timer_wake.set()
         self._check_drained()

@@ -154,12 +154,18 @@ async def test_a_sink_raising_a_cancellation_of_its_own_is_a_failure() -> None:
     assert isinstance(info.value.__cause__, cancelled)
 
 
-async def test_dependents_of_an_item_cut_short_say_so() -> None:
+async def test_close_timeout_drops_the_dependents_of_a_call_it_cuts_short() -> None:
     sink = Sink(delays={"hung": float("inf")})
     errors = Errors()
     async with open_writer(sink, close_timeout=1, on_error=errors) as writer:
         await writer.write("obj", key="hung", id="o1")
         await writer.write("ref", key="refs", after=["o1"])
-    ref_error = next(exc for _, items, exc in errors.calls if items == ["ref"])
-    assert isinstance(ref_error, DependencyFailed)
-    assert "cut short by close_timeout" in str(ref_error)
+    # ref is dropped first, then the call holding obj is cut short: always so.
+    assert [items for _, items, _ in errors.calls] == [["ref"], ["obj"]]
+    ref_error, obj_error = (exc for _, _, exc in errors.calls)
+    assert isinstance(ref_error, keybatch.ProcessorStopped)
+    assert isinstance(obj_error, WriteError)
+    assert obj_error.may_have_landed
+    stats = writer.statistics()
+    assert (stats.dropped_items, stats.failed_items) == (1, 1)
+    assert anyio.current_time() == 1.0
