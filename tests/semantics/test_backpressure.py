@@ -1,0 +1,93 @@
+"""docs/semantics.md, point 12 (backpressure) and the last rule of point 9:
+with `max_pending=N` at most N accepted operations are unfinished at once; `run`
+waits (cancellably) for room, `submit` raises Overloaded; an operation stops
+counting once its outcome is delivered or it is withdrawn; cancelling a wait
+for room enqueues nothing; the stop refuses the waiters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import keybatch
+
+from ..helpers import now, outcome_of, settle
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_submit_raises_overloaded_at_max_pending() -> None:
+    async with keybatch.open_processor(max_pending=2) as processor:
+        processor.submit("a", lambda r: None)
+        processor.submit("b", lambda r: None)
+        with pytest.raises(keybatch.Overloaded, match="max_pending=2"):
+            processor.submit("c", lambda r: None)
+        assert processor.statistics().pending_operations == 2
+        await processor.flush()
+        assert now() == 0.0
+        processor.submit("c", lambda r: None)  # room again
+        assert processor.statistics().pending_operations == 1
+
+
+async def test_run_waits_for_room_at_max_pending() -> None:
+    started: dict[str, float] = {}
+    async with keybatch.open_processor(max_pending=2, min_duration=1) as processor:
+
+        async def call(key: str) -> None:
+            await processor.run(key, lambda r: started.setdefault(key, now()))
+
+        async with anyio.create_task_group() as tg:
+            for key in "abc":
+                tg.start_soon(call, key)
+                await settle()
+            assert processor.statistics().pending_operations == 2
+    # c waited for room until a and b finished at 1.0, then had its own window
+    assert started == {"a": 1.0, "b": 1.0, "c": 2.0}
+
+
+async def test_a_withdrawn_operation_makes_room() -> None:
+    async with keybatch.open_processor(max_pending=1, min_duration=1) as processor:
+        with anyio.move_on_after(0.25):
+            await processor.run("a", lambda r: None)
+        assert processor.statistics().pending_operations == 0
+        processor.submit("b", lambda r: None)  # no Overloaded
+        with pytest.raises(keybatch.Overloaded):
+            processor.submit("c", lambda r: None)
+
+
+async def test_cancelling_a_wait_for_room_enqueues_nothing() -> None:
+    applied: list[str] = []
+    async with keybatch.open_processor(max_pending=1, min_duration=1) as processor:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(processor.run, "a", lambda r: applied.append("a"))
+            await settle()
+            with anyio.move_on_after(0.5):
+                await processor.run("b", lambda r: applied.append("b"))
+            assert now() == 0.5
+            assert processor.statistics().pending_operations == 1
+        await processor.run("c", lambda r: applied.append("c"))
+        stats = processor.statistics()
+    assert applied == ["a", "c"]
+    assert (stats.operations_done, stats.operations_withdrawn) == (2, 0)
+
+
+async def test_the_stop_refuses_callers_waiting_for_room() -> None:
+    outcome: list[Any] = []
+    async with keybatch.open_processor(max_pending=1, min_duration=1) as processor:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(processor.run, "a", lambda r: None)
+            await settle()
+
+            async def waiter() -> None:
+                outcome.append(await outcome_of(lambda: processor.run("b", id)))
+
+            tg.start_soon(waiter)
+            await settle()
+            await processor.aclose()
+            assert now() == 0.0
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], keybatch.ProcessorStopped)
+    stats = processor.statistics()
+    assert (stats.operations_done, stats.pending_operations) == (1, 0)
