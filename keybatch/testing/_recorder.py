@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Awaitable, Callable, Hashable, Mapping
-from typing import Any, Concatenate, ParamSpec, TypeVar, final
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, final
 
 import anyio
 import anyio.lowlevel
@@ -16,17 +17,25 @@ from keybatch._util import NoPublicConstructor
 from ._history import (
     APPLY,
     CALL,
+    EXTERNAL,
+    HELD,
     LOAD,
     LOAD_FAILED,
     LOADED,
     OUTCOME,
+    RELEASED,
     SAVE,
     SAVE_FAILED,
     SAVED,
+    SECTION,
+    WRITE,
     Event,
     HistoryViolation,
     _check,
 )
+
+if TYPE_CHECKING:
+    from ._store import MemoryStore
 
 __all__ = ["Recorder", "recorder"]
 
@@ -256,6 +265,65 @@ class Recorder(metaclass=NoPublicConstructor):
             self._log(key, SAVED)
 
         return recorded_save
+
+    @asynccontextmanager
+    async def exclusive(
+        self,
+        processor: keybatch.Processor[Any],
+        *keys: Hashable,
+        wait: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 - Processor.exclusive's
+    ) -> AsyncIterator[None]:
+        """`processor.exclusive(*keys, ...)`, logging the section.
+
+        Logs the call (`section`, one event per key, numbered in the same
+        sequence as operations, so the checker knows what was called before
+        and after it), its outcome (entered, or the exception, such as
+        `KeyBusy`), `held` per key once the block is entered and `released`
+        per key once it exited.
+
+        Cancellation: as [`keybatch.Processor.exclusive`][keybatch.Processor.exclusive];
+        a cancelled wait is logged as the section's outcome.
+        """
+        n = self._ops
+        self._ops += 1
+        distinct = list(dict.fromkeys(keys))
+        for key in distinct:
+            self._log(key, SECTION, n, (keys, wait, timeout))
+        first = distinct[0] if distinct else None
+        entered = False
+        try:
+            async with processor.exclusive(*keys, wait=wait, timeout=timeout):
+                entered = True
+                self._log(first, OUTCOME, n, None)
+                for key in distinct:
+                    self._log(key, HELD, n)
+                yield
+        except BaseException as exc:
+            if not entered:
+                self._log(first, OUTCOME, n, None, exc)
+            raise
+        finally:
+            if entered:
+                for key in distinct:
+                    self._log(key, RELEASED, n)
+
+    def watch(self, store: MemoryStore[Any]) -> None:
+        """Log every write of `store` (a [`MemoryStore`][keybatch.testing.MemoryStore]).
+
+        A save whose write landed logs `write`, and another writer's write
+        ([`MemoryStore.write`][keybatch.testing.MemoryStore.write], an
+        `external=` fault) logs `external`, each with a copy of the resource.
+        The checker then knows what the store holds: a save that failed after
+        its write landed counts, and so do other writers' changes (a batch
+        refused with `Conflict` and replayed must apply its operations on top
+        of them, once).
+        """
+
+        def observe(key: Hashable, resource: Any, external: bool) -> None:
+            self._log(key, EXTERNAL if external else WRITE, data=resource)
+
+        store._observers.append(observe)
 
     def pending_unobserved(self) -> int:
         """Return how many submitted operations have no logged outcome."""

@@ -1,0 +1,84 @@
+"""Core bugs found by the chaos machine (tests/test_chaos.py), one minimal test each.
+
+Each is marked ``xfail(strict=True)`` until the core is fixed: when a fix lands,
+the test passes, strict xfail turns that into a failure, and the mark must go.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import keybatch
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+
+@pytest.mark.anyio
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "exclusive() does not wait for a run() called before it that is still"
+        " waiting for room under max_pending: the waiter is admitted behind the"
+        " section and applied after it took the key"
+    ),
+)
+async def test_exclusive_waits_for_a_call_waiting_for_room() -> None:
+    order: list[str] = []
+
+    def note(name: str) -> Any:
+        def op(resource: None) -> None:
+            order.append(name)
+
+        return op
+
+    async with keybatch.open_processor(min_duration=0.1, max_pending=1) as processor:
+        processor.submit("a", note("first"))  # takes the only room
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(processor.run, "a", note("waiting for room"))
+            await anyio.wait_all_tasks_blocked()  # run() was called, waits for room
+            async with processor.exclusive("a"):
+                order.append("section")
+    # The section was called after both operations: it must run after both.
+    assert order == ["first", "waiting for room", "section"]
+
+
+class Fatal(BaseException):
+    """A BaseException from save: it kills the processor."""
+
+
+@pytest.mark.anyio
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a save that raises a BaseException reports close_reason=None (documented"
+        " as 'the load failed') and save_duration=None: Engine._save calls"
+        " _finish with reason None"
+    ),
+)
+async def test_a_save_killed_by_a_base_exception_keeps_its_close_reason() -> None:
+    reports: list[keybatch.BatchReport] = []
+
+    async def save(key: object, resource: object) -> None:
+        await anyio.lowlevel.checkpoint()
+        raise Fatal
+
+    with pytest.raises(BaseException) as info:  # noqa: PT011 - Fatal, maybe grouped
+        async with keybatch.open_processor(
+            save=save, min_duration=0, on_batch=reports.append
+        ) as processor:
+            pending = processor.submit("k", lambda resource: None)
+            await anyio.sleep_forever()
+    assert isinstance(info.value, Fatal) or (
+        isinstance(info.value, BaseExceptionGroup) and info.group_contains(Fatal)
+    )
+    with pytest.raises(keybatch.SaveError):
+        await pending.result()
+    [report] = reports
+    assert isinstance(report.error, keybatch.SaveError)
+    assert report.close_reason == "window"
