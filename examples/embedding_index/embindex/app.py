@@ -72,8 +72,10 @@ def make_redis_broker(settings: Settings) -> dramatiq.Broker:
 class KeybatchMiddleware(Middleware):
     """Opens the process's `IndexService` (its processor) on the actors' loop.
 
-    ``after_worker_boot`` starts ``service.running()`` on the event loop thread
-    of Dramatiq's AsyncIO middleware and waits until the processor is open;
+    ``before_worker_boot`` (after the AsyncIO middleware's, before any worker
+    thread takes a message) starts ``service.running()`` on the event loop
+    thread of Dramatiq's AsyncIO middleware and waits until the processor is
+    open;
     ``after_worker_shutdown`` (which Dramatiq calls after the worker threads
     finished their messages, and before the AsyncIO middleware stops the loop)
     leaves it, which drains the processor.
@@ -86,7 +88,9 @@ class KeybatchMiddleware(Middleware):
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # Before the worker threads start taking messages (and after the
+        # AsyncIO middleware, earlier in the list, started the loop).
         thread = get_event_loop_thread()
         if thread is None:
             raise RuntimeError("KeybatchMiddleware needs the AsyncIO middleware first")

@@ -327,10 +327,11 @@ class IndexService:
                     task, f"{reason}; forwarding and waiting are off", "refused"
                 )
             return
+        processor = self.processor  # none: raises, and Dramatiq retries the message
         try:
             args = parse(task.payload, s)
             if s.batching:
-                await self.processor.run(task.model, op, task.id, args)
+                await processor.run(task.model, op, task.id, args)
             else:  # the baseline: one embedding call and one transaction per task
                 batch = ModelBatch(task.model)
                 op(batch, task.id, args)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import dramatiq
 import pytest
 from conftest import StubCluster
-from embindex import ReindexRefused
+from dramatiq.brokers.stub import StubBroker
+from embindex import ReindexRefused, Settings, build_app
 from embindex.app import queue_for, shards_of_process
 from embindex.workload import rebuild_diff, sentences
 
@@ -134,3 +136,42 @@ def test_waiting_work_gives_up_after_bounded_reschedules(
     assert task.error == (
         f"gave up after 3 reschedules: model 'alpha' is locked by reindex #{holder}"
     )
+
+
+def test_messages_waiting_at_boot_meet_an_open_processor(settings: Settings) -> None:
+    """The processor opens before any worker thread takes a message."""
+    broker = StubBroker(fail_fast_default=False)
+    raised: list[BaseException] = []
+
+    class Spy(dramatiq.Middleware):
+        def after_process_message(
+            self,
+            broker: object,
+            message: object,
+            *,
+            result: object = None,
+            exception: BaseException | None = None,
+        ) -> None:
+            if exception is not None:
+                raised.append(exception)
+
+    broker.add_middleware(Spy())
+    app = build_app(settings, broker)
+    app.store.create_model("alpha", "hashing:dim=64")
+    ids = app.submit(
+        [
+            ("upsert", "alpha", {"items": [{"id": f"i{n}", "text": "t"}]})
+            for n in range(64)
+        ]
+    )
+    worker = dramatiq.Worker(broker, worker_threads=16, worker_timeout=20)
+    worker.start()
+    try:
+        for queue in app.queues:
+            broker.join(queue)
+        worker.join()
+    finally:
+        worker.stop()
+        app.store.close()
+    assert {t.status for t in app.store.tasks(ids)} == {"done"}
+    assert raised == []  # no message met a missing processor (and was retried)
