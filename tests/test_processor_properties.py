@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import keybatch
 
-from .test_processor import outcome_of
+from .helpers import outcome_of
 
 _call = st.tuples(
     st.sampled_from(["a", "b", "c"]),  # key

@@ -128,13 +128,16 @@ async def test_a_base_exception_from_save_tears_the_processor_down(during: str) 
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"], indirect=True)
+@pytest.mark.parametrize("during", ["running", "the stop"])
 @pytest.mark.parametrize(
     "make", [lambda: SystemExit(3), KeyboardInterrupt], ids=["SystemExit", "KI"]
 )
-async def test_system_exit_or_keyboard_interrupt_from_save_on_trio(make: Any) -> None:
+async def test_system_exit_or_keyboard_interrupt_from_save_on_trio(
+    make: Any, during: str
+) -> None:
     """On asyncio these two leave the event loop itself (asyncio's own rule for
     any task), so they are checked on trio."""
-    await _fatal_save(make, "running")
+    await _fatal_save(make, during)
 
 
 async def _fatal_hook(kind: type[BaseException]) -> None:
