@@ -28,6 +28,8 @@ __all__ = [
     "checked_append",
     "double_last",
     "jump",
+    "kt",
+    "list_store",
     "now",
     "opener",
     "outcome_of",
@@ -275,21 +277,3 @@ def worker_task_names() -> list[str]:
     else:
         names = [t.get_name() for t in asyncio.all_tasks() if not t.done()]
     return sorted(n for n in names if "keybatch worker" in n)
-
-
-def run_in_thread_error(fn: Callable[[], object]) -> BaseException | None:
-    """Call `fn` in a new thread; return what it raised, or None."""
-    import threading
-
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            fn()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    return errors[0] if errors else None

@@ -57,6 +57,41 @@ async def test_a_withdrawn_operation_makes_room() -> None:
             processor.submit("c", lambda r: None)
 
 
+@pytest.mark.parametrize(
+    ("key", "returns_at"),
+    [
+        ("a", 1.0),  # joins the batch still open (started at 0, closes at 1)
+        ("b", 1.25),  # a batch of its own: admitted at 0.25, its own 1 s window
+    ],
+    ids=["same key", "another key"],
+)
+async def test_the_room_a_withdrawn_operation_frees_goes_to_the_first_waiter(
+    key: str, returns_at: float
+) -> None:
+    done: dict[str, float] = {}
+    scopes: dict[str, anyio.CancelScope] = {}
+    async with keybatch.open_processor(max_pending=1, min_duration=1) as processor:
+
+        async def call(name: str, key: str) -> None:
+            with anyio.CancelScope() as scopes[name]:
+                await processor.run(key, lambda r: None)
+                done[name] = now()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "first", "a")
+            await settle()
+            tg.start_soon(call, "waiter", key)
+            await settle()
+            assert processor.statistics().pending_operations == 1
+            with pytest.raises(keybatch.Overloaded):  # the room is the waiter's
+                processor.submit("c", lambda r: None)
+            await anyio.sleep(0.25)
+            scopes["first"].cancel()  # withdrawn: its room goes to the waiter
+    assert done == {"waiter": returns_at}
+    stats = processor.statistics()
+    assert (stats.operations_withdrawn, stats.operations_done) == (1, 1)
+
+
 async def test_cancelling_a_wait_for_room_enqueues_nothing() -> None:
     applied: list[str] = []
     async with keybatch.open_processor(max_pending=1, min_duration=1) as processor:
