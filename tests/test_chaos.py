@@ -52,8 +52,9 @@ import anyio.abc
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -357,6 +358,7 @@ class Expect:
     fatal_fired: int = 0  # Fatal raised by a fault or the hook
     body_raised: bool = False
     reports: list[keybatch.BatchReport] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)  # what the run went through
 
 
 class Chaos:
@@ -422,6 +424,7 @@ class Chaos:
             self.expect.fatal_fired += 1
             raise Fatal("a BaseException from on_batch")
         if kind == "cancel_owner":
+            self.expect.seen.add("owner cancelled by on_batch")
             self.proc_scope.cancel()
 
     async def save(self, key: Hashable, resource: list[int]) -> None:
@@ -455,7 +458,11 @@ class Chaos:
                     ) as processor:
                         self.processor = processor
                         task_status.started()
-                        await self.stop_requested.wait()
+                        try:
+                            await self.stop_requested.wait()
+                        except anyio.get_cancelled_exc_class():
+                            self.moment("owner cancelled")  # whoever cancelled it
+                            raise
                         if self.raise_in_body:
                             raise BodyError("the owner's block raised")
                     self.owner_exit = "returned"
@@ -551,6 +558,8 @@ class Chaos:
 
     async def flush(self) -> None:
         assert self.processor is not None
+        if self.processor.statistics().stopping and not self.closed.is_set():
+            self.expect.seen.add("flush during the stop")
         self._spawn(self.processor.flush())
         await self.settle()
 
@@ -622,8 +631,10 @@ class Chaos:
             options["hang"] = True
         elif kind == "slow":
             options["latency"] = 0.02
+        elif kind == "slower":  # past a short max_duration: a timeout
+            options["latency"] = 0.06
         elif kind == "cancel":
-            options["cancel"] = self.proc_scope
+            options["cancel"] = _Noting(self.proc_scope, self.expect.seen, operation)
         elif kind == "fatal":
             options["error"] = self.fatal
         elif kind == "landed":  # the write lands, then the save fails
@@ -652,6 +663,7 @@ class Chaos:
         await self.driver.advance(dt)
 
     async def stop(self, how: str) -> None:
+        self.moment("block raised" if how == "raise" else "block left")
         if how == "raise":
             self.raise_in_body = True
             self.expect.body_raised = True
@@ -660,8 +672,20 @@ class Chaos:
 
     async def aclose(self) -> None:
         assert self.processor is not None
+        self.moment("aclose called")
         self._spawn(self.processor.aclose())
         await self.settle()
+
+    def moment(self, what: str) -> None:
+        """Note what was going on when the processor was told to end."""
+        assert self.processor is not None
+        found = _phases(self.rec.events)
+        if _waiting_for_room(self.processor):
+            found.add("waiting for room")
+        if any(h.held for h in self.sections):
+            found.add("section held")
+        for phase in sorted(found) or ["idle"]:
+            self.expect.seen.add(f"{what} while {phase}")
 
     async def cancel_processor(self) -> None:
         self.proc_scope.cancel()
@@ -682,6 +706,12 @@ class Chaos:
         assert 0 <= stats.active_batches <= stats.keys <= len(KEYS), stats
         if self.max_pending is not None:
             assert stats.pending_operations <= self.max_pending, stats
+        waiting = _waiting_for_room(self.processor)
+        if waiting:
+            self.expect.seen.add("callers waiting for room")
+            if not stats.stopping:  # room is never left idle while callers wait
+                assert self.max_pending is not None
+                assert stats.pending_operations >= self.max_pending, (stats, waiting)
         held = sum(1 for h in self.sections if h.held)
         assert stats.exclusive_sections == held, (stats, held)
         conflicts = sum(
@@ -734,6 +764,60 @@ class Chaos:
             else:
                 assert self.owner_exit != "fatal"
         assert not self.driver.keybatch_tasks()
+
+    def labels(self) -> list[str]:
+        """What the run went through, for `--hypothesis-show-statistics`."""
+        seen = self.expect.seen
+        if self.processor is None:
+            return ["no processor (invalid example)"]
+        seen.add(f"owner exit: {self.owner_exit}")
+        if any(r.replays for r in self.expect.reports) or any(
+            e.kind == kt.SAVE_FAILED and isinstance(e.error, keybatch.Conflict)
+            for e in self.rec.events
+        ):
+            seen.add("Conflict")
+        ops: dict[int, int] = {}
+        for e in self.rec.events:
+            if e.kind == kt.APPLY and e.op is not None:
+                ops[e.op] = ops.get(e.op, 0) + 1
+            elif e.kind == kt.OUTCOME and isinstance(e.error, keybatch.SaveError):
+                landed = "may have landed" if e.error.may_have_landed else "refused"
+                seen.add(f"SaveError ({landed})")
+            elif e.kind == kt.OUTCOME and isinstance(e.error, keybatch.KeyBusy):
+                seen.add("section: KeyBusy")
+            elif e.kind == kt.HELD:
+                seen.add("section held")
+        if any(count > 1 for count in ops.values()):
+            seen.add("an op replayed")
+        return sorted(seen)
+
+
+class _Noting:
+    """A cancel scope for `inject(cancel=...)` that notes when it fires."""
+
+    def __init__(self, scope: Any, seen: set[str], operation: str) -> None:
+        self.scope = scope
+        self.seen = seen
+        self.operation = operation
+
+    def cancel(self) -> None:
+        self.seen.add(f"owner cancelled inside {self.operation}")
+        self.scope.cancel()
+
+
+def _phases(events: list[kt.Event]) -> set[str]:
+    """What is in flight at the end of a log: loading, window open, saving."""
+    phase: dict[Hashable, str] = {}
+    for e in events:
+        if e.kind == kt.LOAD:
+            phase[e.key] = "loading"
+        elif e.kind == kt.LOADED:
+            phase[e.key] = "window open"
+        elif e.kind == kt.SAVE:
+            phase[e.key] = "saving"
+        elif e.kind in (kt.LOAD_FAILED, kt.SAVED, kt.SAVE_FAILED):
+            phase[e.key] = "idle"
+    return set(phase.values()) - {"idle"}
 
 
 def _waiting_for_room(processor: keybatch.Processor[Any]) -> int | None:
@@ -890,6 +974,7 @@ class ChaosMachine(RuleBasedStateMachine):
                 "error",
                 "hang",
                 "slow",
+                "slower",
                 "cancel",
                 "fatal",
                 "landed",
@@ -927,7 +1012,7 @@ class ChaosMachine(RuleBasedStateMachine):
         return not self.stopped and self.steps >= self.stop_after
 
     @precondition(may_stop)
-    @rule(how=st.sampled_from(["leave", "leave", "raise"]))
+    @rule(how=st.sampled_from(["leave", "raise"]))
     def stop(self, how: str) -> None:
         self.stopped = True
         self.step(self.chaos.stop, how)
@@ -959,8 +1044,12 @@ class ChaosMachine(RuleBasedStateMachine):
         try:
             self.driver.raise_error()
             self.step(self.chaos.finish)
+            labels = self.driver.call(self.chaos.labels)
         finally:
             self.driver.close(self.chaos.finish_main)
+        with contextlib.suppress(InvalidArgument):  # outside hypothesis: no labels
+            for label in labels:
+                event(label)
 
 
 class AsyncioChaosMachine(ChaosMachine):

@@ -82,3 +82,42 @@ async def test_a_save_killed_by_a_base_exception_keeps_its_close_reason() -> Non
     [report] = reports
     assert isinstance(report.error, keybatch.SaveError)
     assert report.close_reason == "window"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+@pytest.mark.parametrize("moment", ["saving", "window open"])
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "asyncio: a native task.cancel() of the worker tasks (the 'cancel all"
+        " tasks' idiom) cuts the owner's `async with open_processor()` block short"
+        " and the block then exits normally: the teardown is swallowed"
+    ),
+)
+async def test_native_cancel_of_the_workers_never_ends_the_block_silently(
+    moment: str,
+) -> None:
+    import asyncio
+
+    async def save(key: object, resource: object) -> None:
+        await asyncio.sleep(0.05)
+
+    outcome = "cut short, exited normally"
+    try:
+        async with keybatch.open_processor(
+            save=save, min_duration=0.01, workers=1
+        ) as processor:
+            pending = processor.submit("k", lambda resource: None)
+            await asyncio.sleep(0.02 if moment == "saving" else 0.001)
+            for task in asyncio.all_tasks():
+                if task.get_name().startswith("keybatch worker"):
+                    task.cancel()
+            await asyncio.sleep(1)
+            outcome = "the block ran to its end"
+    except BaseException:
+        outcome = "raised"
+    # Every call still gets its outcome (this part holds today).
+    with pytest.raises((keybatch.SaveError, keybatch.ProcessorStopped)):
+        await pending.result()
+    assert outcome != "cut short, exited normally"
