@@ -2,14 +2,16 @@
 
 Tests import `embindex` from the example's folder wherever pytest runs from.
 The Redis tests use ``REDIS_URL`` (default redis://127.0.0.1:6379/0) under a
-key namespace of their own, deleted afterwards; without a server they skip
-locally and fail in CI (CI is set).
+key namespace of their own, deleted afterwards; when no server answers there
+they start a private redis-server on a free loopback port; with neither, they
+skip locally and fail in CI (CI is set).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from embindex import App, Settings, Store, build_app
-from embindex.redis_server import delete_namespace, redis_answers
+from embindex.redis_server import RedisServer, delete_namespace, redis_answers
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -121,20 +123,33 @@ def make_cluster(settings: Settings) -> Iterator[Callable[..., StubCluster]]:
         running.stop()
 
 
-@pytest.fixture
-def redis_settings(settings: Settings) -> Iterator[Settings]:
-    """Settings on the real Redis, under a namespace of their own (cleaned up)."""
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The Redis at REDIS_URL; when none answers there, a private redis-server
+    on a free loopback port (Debian's package); without either, skip locally
+    and fail in CI."""
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    if not redis_answers(url):
-        if os.environ.get("CI"):
-            pytest.fail(f"no Redis server answers at {url} (CI must have one)")
-        pytest.skip(f"no Redis server at {url}")
+    if redis_answers(url):
+        yield url
+        return
+    if shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server"):
+        with RedisServer() as own:
+            yield own
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"no Redis at {url} and no redis-server to start (CI needs one)")
+    pytest.skip(f"no Redis server at {url} and no redis-server installed")
+
+
+@pytest.fixture
+def redis_settings(settings: Settings, redis_url: str) -> Iterator[Settings]:
+    """Settings on the real Redis, under a namespace of their own (cleaned up)."""
     namespace = f"embindex-test-{uuid.uuid4().hex[:12]}"
     yield dataclasses.replace(
         settings,
-        redis_url=url,
+        redis_url=redis_url,
         namespace=namespace,
         heartbeat_timeout_ms=2000,
         maintenance_chance=200_000,
     )
-    delete_namespace(url, namespace)
+    delete_namespace(redis_url, namespace)
