@@ -61,7 +61,7 @@ def make_redis_broker(settings: Settings) -> dramatiq.Broker:
     """Dramatiq's Redis broker on ``settings.redis_url``, keys under the namespace."""
     from dramatiq.brokers.redis import RedisBroker
 
-    return RedisBroker(
+    return RedisBroker(  # type: ignore[no-untyped-call]
         url=settings.redis_url,
         namespace=settings.namespace,
         heartbeat_timeout=settings.heartbeat_timeout_ms,
@@ -248,14 +248,16 @@ def build_app(settings: Settings, broker: dramatiq.Broker) -> App:
 
     actors: dict[str, dramatiq.Actor[Any, Any]] = {}
     for fn in (upsertion_worker, deletion_worker, reindex_worker, reindex_subworker):
-        extra = {"throws": (ReindexRefused,)} if fn is reindex_worker else {}
-        actors[fn.__name__] = dramatiq.actor(
-            fn,
+        extra: dict[str, Any] = (
+            {"throws": (ReindexRefused,)} if fn is reindex_worker else {}
+        )
+        declare = dramatiq.actor(
             broker=broker,
             actor_name=fn.__name__,
             queue_name="index.0",
             **options,
             **extra,
         )
+        actors[fn.__name__] = declare(fn)
     app = holder["app"] = App(settings, broker, store, service, actors)
     return app

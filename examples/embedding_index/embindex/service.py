@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -170,6 +171,7 @@ class IndexService:
         self._dispatch = dispatch
         self._processor: keybatch.Processor[ModelBatch] | None = None
         self.stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
 
     # -- the processor --------------------------------------------------------------
 
@@ -224,8 +226,9 @@ class IndexService:
         return self.store.write_batch(model, ops, tasks, embed=self._embed)
 
     def _embed(self, embedder: Embedder, texts: list[str]) -> list[list[float]]:
-        self.stats["embed_calls"] += 1
-        self.stats["embedded_texts"] += len(texts)
+        with self._stats_lock:  # called from threads
+            self.stats["embed_calls"] += 1
+            self.stats["embedded_texts"] += len(texts)
         return embedder.embed(texts)
 
     def _on_batch(self, report: keybatch.BatchReport) -> None:

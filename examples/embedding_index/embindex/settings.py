@@ -116,12 +116,12 @@ class Settings:
             raw = env.get(var)
             if raw is None or raw == "":
                 continue
-            kind = type(field.default)
-            if kind is bool:
+            default = field.default
+            if isinstance(default, bool):
                 values[field.name] = _bool(raw, var)
-            elif kind is int:
+            elif isinstance(default, int):
                 values[field.name] = int(raw)
-            elif kind is float:
+            elif isinstance(default, float):
                 values[field.name] = float(raw)
             else:
                 values[field.name] = raw

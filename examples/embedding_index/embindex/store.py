@@ -64,7 +64,7 @@ def sqlite_module() -> ModuleType:
     if hasattr(sqlite3.Connection, "enable_load_extension"):
         return sqlite3
     try:
-        import pysqlite3.dbapi2 as module  # type: ignore[import-not-found]
+        import pysqlite3.dbapi2 as module  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:  # pragma: no cover - depends on the Python build
         raise RuntimeError(
             "this Python's sqlite3 cannot load extensions and pysqlite3 is not"
