@@ -31,6 +31,7 @@ class Waiter:
         "slot",
         "refused",
         "cancelled",
+        "section",
     )
 
     def __init__(
@@ -53,6 +54,9 @@ class Waiter:
         self.slot: Any = None
         self.refused = False
         self.cancelled = False
+        # An exclusive section queued behind the callers waiting for room: it
+        # needs no room, but must not overtake them. Its keys, routed.
+        self.section: list[Any] | None = None
 
     def __repr__(self) -> str:
         state = (
@@ -86,6 +90,13 @@ class Admission:
     def push(self, waiter: Waiter) -> None:
         self._queue.append(waiter)
         self.waiting += 1
+
+    def peek(self) -> Waiter:
+        """The first waiter not cancelled (call only while `waiting`)."""
+        queue = self._queue
+        while queue[0].cancelled:
+            queue.popleft()
+        return queue[0]
 
     def pop(self) -> Waiter:
         """The first waiter not cancelled (call only while `waiting`)."""

@@ -240,10 +240,18 @@ class Engine:
         assert limit is not None
         admission = self.admission
         counters = self.counters
-        while admission.waiting and counters.pending < limit:
+        while admission.waiting:
+            head = admission.peek()
+            if head.section is None and counters.pending >= limit:
+                break
             waiter = admission.pop()
             if self.state is not RUNNING:  # pragma: no cover - failed at stop
                 waiter.refuse()
+                continue
+            if waiter.section is not None:
+                # A section's turn: every call before it was admitted.
+                waiter.slot = self.open_section(waiter.section)
+                waiter.event.set()
                 continue
             waiter.slot = self.accept(
                 waiter.worker,
@@ -317,6 +325,13 @@ class Engine:
                     worker.scope.cancel()
                 try:
                     await self._loop(worker)
+                except self.backend.cancelled:
+                    # Our own scope's cancellation (teardown; the scope absorbs
+                    # it), or on asyncio a native task.cancel() of this task
+                    # (asyncio.run's shutdown, "cancel all tasks"): either way the
+                    # processor is torn down, and this task ends quietly rather
+                    # than cancel the processor's owner through the task group.
+                    self._abort_worker(worker)
                 except BaseException:
                     self._abort_worker(worker)
                     raise
@@ -483,7 +498,7 @@ class Engine:
             timed = self.timed
             began = self.clock() if timed else 0.0
             while True:
-                outcome = await self._save(st, resource)
+                outcome = await self._save(st, resource, reason, began)
                 if not isinstance(outcome, Conflict):
                     save_failure = outcome
                     break
@@ -522,7 +537,9 @@ class Engine:
             replays,
         )  # fmt: skip
 
-    async def _save(self, st: KeyState, resource: Any) -> SaveFailure | Conflict | None:
+    async def _save(
+        self, st: KeyState, resource: Any, reason: CloseReason, began: float
+    ) -> SaveFailure | Conflict | None:
         """Save, shielded and under the batch deadline. Returns None when saved,
         the Conflict, or the failure. A BaseException that is not a failure
         (KeyboardInterrupt, a native cancellation that breaks the shield) is
@@ -550,7 +567,8 @@ class Engine:
                 if slot._state is VALUE:
                     slot._state = SlotState.SAVE_FAILED
                     slot._outcome = broken
-            self._finish(worker, st, batch, None, 0, None, None, broken, 0)
+            duration = self.clock() - began if self.timed else None
+            self._finish(worker, st, batch, reason, 0, duration, None, broken, 0)
             raise
         finally:
             worker.saving = False
@@ -581,7 +599,7 @@ class Engine:
         batch.event.set()
         # Slots point at their batch; a finished batch lets go of its slots so
         # neither forms a cycle: both are freed by refcounting, not by the GC.
-        batch.slots = []
+        batch.slots.clear()
         st.closing = None
         delivered = batch.live
         self.counters.batch_finished(
@@ -734,7 +752,7 @@ def _abort_batch(batch: Batch) -> int:
             n += 1
     batch.finished = True
     batch.event.set()
-    batch.slots = []
+    batch.slots.clear()
     return n
 
 

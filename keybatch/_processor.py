@@ -281,7 +281,27 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
             busy = [key for worker, key in routed if engine.busy(worker, key)]
             if busy:
                 raise KeyBusy(busy)
-        section = engine.open_section(routed)
+        limit = self._max_pending
+        if limit is not None and engine.admission.waiting:
+            # Callers waiting for room were called first: queue behind them.
+            waiter = Waiter(
+                None, None, _noop, (), {}, copy_context(), engine.new_event()
+            )
+            waiter.section = routed
+            engine.admission.push(waiter)
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter.slot is not None:
+                    engine.release_section(waiter.slot)
+                elif not waiter.refused:
+                    engine.admission.cancel(waiter)
+                raise
+            if waiter.refused:
+                raise ProcessorStopped("the processor is stopping")
+            section = waiter.slot
+        else:
+            section = engine.open_section(routed)
         try:
             if section.held:
                 await engine.backend.checkpoint()
@@ -546,14 +566,40 @@ async def _open(options: Options) -> AsyncIterator[Processor[Any]]:
                 engine.begin_stop(abort=True)  # the graceful stop was cut short
                 raise
     except BaseExceptionGroup as group:
-        # The user's own exception (or cancellation) comes out as it went in,
-        # not wrapped in a group by our internal task group.
-        if body_error is None or list(group.exceptions) != [body_error]:
+        # The user's own exception (or cancellation), or the one exception that
+        # killed a worker (a BaseException from load, save or on_batch), comes
+        # out as it went in, not wrapped in a group by our internal task group.
+        single = _the_one_error(group, body_error, engine.backend.cancelled)
+        if single is None:
             raise
-        context, suppress = body_error.__context__, body_error.__suppress_context__
+        context, suppress = single.__context__, single.__suppress_context__
         try:
-            raise body_error
+            raise single
         finally:
-            body_error.__context__ = context
-            body_error.__suppress_context__ = suppress
-            del body_error, group
+            single.__context__ = context
+            single.__suppress_context__ = suppress
+            del single, body_error, group
+
+
+def _the_one_error(
+    group: BaseExceptionGroup[BaseException],
+    body_error: BaseException | None,
+    cancelled: type[BaseException],
+) -> BaseException | None:
+    leaves: list[BaseException] = []
+
+    def flatten(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                flatten(inner)
+        else:
+            leaves.append(exc)
+
+    flatten(group)
+    if body_error is not None and leaves == [body_error]:
+        return body_error
+    # A cancellation of the body caused by a dying worker is not news.
+    real = [exc for exc in leaves if not isinstance(exc, cancelled)]
+    if len(real) == 1 and (body_error is None or isinstance(body_error, cancelled)):
+        return real[0]
+    return None

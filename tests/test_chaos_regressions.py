@@ -20,14 +20,6 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "exclusive() does not wait for a run() called before it that is still"
-        " waiting for room under max_pending: the waiter is admitted behind the"
-        " section and applied after it took the key"
-    ),
-)
 async def test_exclusive_waits_for_a_call_waiting_for_room() -> None:
     order: list[str] = []
 
@@ -53,14 +45,6 @@ class Fatal(BaseException):
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a save that raises a BaseException reports close_reason=None (documented"
-        " as 'the load failed') and save_duration=None: Engine._save calls"
-        " _finish with reason None"
-    ),
-)
 async def test_a_save_killed_by_a_base_exception_keeps_its_close_reason() -> None:
     reports: list[keybatch.BatchReport] = []
 
@@ -87,14 +71,6 @@ async def test_a_save_killed_by_a_base_exception_keeps_its_close_reason() -> Non
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
 @pytest.mark.parametrize("moment", ["saving", "window open"])
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "asyncio: a native task.cancel() of the worker tasks (the 'cancel all"
-        " tasks' idiom) cuts the owner's `async with open_processor()` block short"
-        " and the block then exits normally: the teardown is swallowed"
-    ),
-)
 async def test_native_cancel_of_the_workers_never_ends_the_block_silently(
     moment: str,
 ) -> None:

@@ -124,22 +124,28 @@ class AsyncioEvent:
 
 @final
 class AsyncioBackend:
-    __slots__ = ("_loop", "new_event", "now", "_scope_class")
+    __slots__ = ("_loop", "_scope_class")
 
     name = "asyncio"
     cancelled = asyncio.CancelledError
-    checkpoint = staticmethod(anyio.lowlevel.checkpoint)
 
     def __init__(self) -> None:
-        loop = self._loop = asyncio.get_running_loop()
-        self.new_event = lambda: AsyncioEvent(loop)
-        self.now = loop.time
+        self._loop = asyncio.get_running_loop()
         # anyio.CancelScope(...) looks the backend up on every call; the class it
         # returns, called directly, builds the same scope at about half the cost.
         self._scope_class: Any = type(anyio.CancelScope())
 
     def __repr__(self) -> str:
         return f"<AsyncioBackend public_only={PUBLIC_ONLY}>"
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def new_event(self) -> AsyncioEvent:
+        return AsyncioEvent(self._loop)
+
+    async def checkpoint(self) -> None:
+        await anyio.lowlevel.checkpoint()
 
     def cancel_scope(self, *, deadline: float = math.inf, shield: bool = False) -> Any:
         return self._scope_class(deadline=deadline, shield=shield)
@@ -167,7 +173,12 @@ class AsyncioBackend:
             try:
                 await future
             except _CancelledError:
-                if not private and not task.cancelling() and future.cancelled():
+                if (
+                    not private
+                    and task is not None
+                    and not task.cancelling()
+                    and future.cancelled()
+                ):
                     # Another caller's cancellation cancelled the shared future:
                     # from now on each caller of this batch parks on its own.
                     event._split = True
