@@ -94,6 +94,7 @@ class Worker:
         "wakeup",
         "scope",
         "saving",
+        "queued",
     )
 
     def __init__(self, engine: Engine, index: int) -> None:
@@ -110,6 +111,7 @@ class Worker:
         # the worker is saving (the stop then takes effect after the save).
         self.scope: Any = None
         self.saving = False
+        self.queued = 0  # operations accepted and not applied (max_worker_queue)
 
     def __repr__(self) -> str:
         return (
@@ -132,9 +134,6 @@ class Worker:
         if wakeup is not None:
             self.wakeup = None
             wakeup.set()
-
-    def queued_operations(self) -> int:
-        return sum(st.queued_operations() for st in self.keys.values())
 
 
 class Engine:
@@ -209,6 +208,7 @@ class Engine:
         slots = batch.slots
         slots.append(slot)
         batch.live += 1
+        worker.queued += 1
         self.counters.accepted()
         max_ops = self.options.max_ops
         if max_ops is not None and len(slots) >= max_ops:
@@ -229,6 +229,7 @@ class Engine:
         batch.withdrawn += 1
         self.counters.withdrawn_one()
         st = batch.state
+        st.worker.queued -= 1
         if batch.live == 0 and st.phase is OPEN and st.queue[0] is batch:
             st.worker.schedule(st)  # nobody left in the open batch: close it now
         if self.admission.waiting:
@@ -293,7 +294,9 @@ class Engine:
             failed = 0
             for entry in st.queue:
                 if type(entry) is Batch:
-                    failed += _abort_batch(entry)
+                    n = _abort_batch(entry)
+                    failed += n
+                    worker.queued -= n
                 else:
                     _fail_section(entry)  # type: ignore[arg-type]
             st.queue.clear()
@@ -440,6 +443,7 @@ class Engine:
             queue.popleft()
             if st.tail is batch:
                 st.tail = None
+            worker.queued -= batch.live
             for slot in batch.slots:
                 if slot._state is QUEUED:
                     slot._state = SlotState.LOAD_FAILED
@@ -486,6 +490,7 @@ class Engine:
             st.tail = None
         st.closing = batch
         st.phase = SAVING
+        worker.queued -= batch.live
         options = self.options
         resource = st.resource
         st.resource = None

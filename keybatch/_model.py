@@ -307,11 +307,3 @@ class KeyState:
             f"<KeyState key={self.key!r} phase={self.phase.value}"
             f" queued={len(self.queue)} worker={getattr(self.worker, 'index', '?')}>"
         )
-
-    def queued_operations(self) -> int:
-        """Operations accepted and not yet applied (for `max_worker_queue`)."""
-        n = 0
-        for entry in self.queue:
-            if type(entry) is Batch:
-                n += entry.live
-        return n

@@ -332,7 +332,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         return engine.counters.statistics(
             workers=len(self._workers),
             stopping=engine.state is not RUNNING,
-            max_worker_queue=max(w.queued_operations() for w in self._workers),
+            max_worker_queue=max(w.queued for w in self._workers),
         )
 
     def _check_thread(self, what: str) -> None:
