@@ -14,6 +14,7 @@ import anyio.lowlevel
 import pytest
 
 import keybatch
+from keybatch import testing as kt
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -97,3 +98,36 @@ async def test_native_cancel_of_the_workers_never_ends_the_block_silently(
     with pytest.raises((keybatch.SaveError, keybatch.ProcessorStopped)):
         await pending.result()
     assert outcome != "cut short, exited normally"
+
+
+def _append(resource: list[int], x: int) -> int:
+    resource.append(x)
+    return len(resource)
+
+
+@pytest.mark.anyio
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "teardown during a Conflict replay's reload loses the batch: the reload"
+        " runs outside worker.saving, so the worker's cancellation reaches it,"
+        " and _abort_worker fails only st.queue, not st.closing: the callers"
+        " never get an outcome and pending_operations stays 1"
+    ),
+)
+async def test_teardown_during_a_replays_reload_gives_every_caller_an_outcome() -> None:
+    store = kt.memory_store(lambda key: [], versioned=True)
+    # The save finds that another writer saved first (Conflict): the batch
+    # loads again to replay, and the owner is cancelled during that reload.
+    store.inject("save", nth=1, external=lambda resource: [*resource, 100])
+    with anyio.CancelScope() as scope:
+        store.inject("load", nth=2, cancel=scope)
+        async with keybatch.open_processor(
+            load=store.load, save=store.save, min_duration=0.01
+        ) as processor:
+            pending = processor.submit("k", _append, 1)
+            await anyio.sleep_forever()
+    assert processor.statistics().pending_operations == 0
+    assert pending.done()
+    with pytest.raises(keybatch.KeybatchError):  # SaveError, say: not stored
+        await pending.result()
