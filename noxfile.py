@@ -25,7 +25,15 @@ import nox
 nox.needs_version = ">=2024.10.9"
 nox.options.error_on_missing_interpreters = True  # a missing Python fails
 nox.options.reuse_venv = "yes"
-nox.options.sessions = ["lint", "types", "docs", "coverage", "tests", "examples"]
+nox.options.sessions = [
+    "lint",
+    "types",
+    "docs",
+    "coverage",
+    "tests",
+    "tests_public_asyncio",
+    "examples",
+]
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 DEV_PYTHON = "3.11"  # lint, types, docs, coverage, examples, bench, demo
@@ -66,6 +74,25 @@ def tests(session: nox.Session) -> None:
     """The test suite (pytest, every backend) on each supported Python."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(python=DEV_PYTHON)
+def tests_public_asyncio(session: nox.Session) -> None:
+    """The core suite with the asyncio backend on public API only.
+
+    `KEYBATCH_ASYNCIO_PUBLIC_ONLY=1` forces the fallback that Python 3.10 uses:
+    no `Task.cancelling()`, no private asyncio attribute (keybatch/_backends/
+    _asyncio.py). Run once on a newer Python so the fallback is tested there too.
+    """
+    session.install("-e", ".[test]")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        *(session.posargs or ["tests", "--ignore=tests/contrib"]),
+        env={"KEYBATCH_ASYNCIO_PUBLIC_ONLY": "1"},
+    )
 
 
 @nox.session(python=DEV_PYTHON)

@@ -437,7 +437,14 @@ async def test_fault7_fatal_hook_stops_the_processor_cleanly() -> None:
 
 # -- fault 8: a CancelledError that is not aimed at the worker (asyncio) ---------
 
+from keybatch._backends._asyncio import PUBLIC_ONLY  # noqa: E402
 
+needs_cancelling = pytest.mark.skipif(
+    PUBLIC_ONLY, reason="the public-API fallback cannot tell (documented)"
+)
+
+
+@needs_cancelling
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
 @pytest.mark.parametrize("where", ["load", "save"])
@@ -470,6 +477,7 @@ async def test_fault8_foreign_cancelled_error_is_a_failure(where: str) -> None:
     assert failures == 1
 
 
+@needs_cancelling
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
 async def test_fault8_foreign_cancelled_error_in_a_hook_is_logged(
@@ -485,6 +493,23 @@ async def test_fault8_foreign_cancelled_error_in_a_hook_is_logged(
             assert await processor.run("k", lambda r: 7) == 7
             assert await processor.run("k", lambda r: 8) == 8
     assert "not aimed at its worker" in caplog.text
+
+
+@pytest.mark.skipif(not PUBLIC_ONLY, reason="the fallback's documented behaviour")
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+async def test_fault8_fallback_treats_it_as_the_workers_own_and_stops() -> None:
+    async def load(key: Any) -> list[Any]:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+        return []
+
+    async with keybatch.open_processor(load=load, min_duration=0.1) as processor:
+        with pytest.raises(keybatch.ProcessorStopped):
+            await processor.run("k", append, 1)
+        assert processor.statistics().stopping is True
+    assert processor.statistics().pending_operations == 0
 
 
 # -- fault 9: aclose from another thread -----------------------------------------
