@@ -56,10 +56,10 @@ class ProcessorStatistics:
 
 @dataclass(frozen=True)
 class BatchReport:
-    """What one finished batch did, passed to the ``on_batch`` hook.
+    """What one finished batch did, passed to the `on_batch` hook.
 
-    Times come from the event loop's clock (``anyio.current_time()``), so they are
-    virtual under trio's ``MockClock``.
+    Times come from the event loop's clock (`anyio.current_time()`), so they are
+    virtual under trio's `MockClock`.
 
     Attributes:
         key: The batch's key.

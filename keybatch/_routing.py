@@ -10,10 +10,10 @@ __all__ = ["worker_for_key"]
 
 
 def worker_for_key(key: str | bytes, workers: int) -> int:
-    """Return the index of the worker that owns ``key``: mmh3 modulo ``workers``.
+    """Return the index of the worker that owns `key`: mmh3 modulo `workers`.
 
     The hash is MurmurHash3 x86 32-bit, unsigned, seed 0, over the UTF-8 bytes of
-    a str key or over a bytes key as it is, so ``"k"`` and ``b"k"`` share a worker.
+    a str key or over a bytes key as it is, so `"k"` and `b"k"` share a worker.
     It is stable across processes, machines and Python versions: a load balancer
     can route with the same function.
 
@@ -22,9 +22,9 @@ def worker_for_key(key: str | bytes, workers: int) -> int:
         workers: The number of workers, at least 1.
 
     Raises:
-        TypeError: ``key`` is neither str nor bytes.
-        ValueError: ``key`` is a str that is not UTF-8 encodable (a lone
-            surrogate), or ``workers`` is less than 1.
+        TypeError: `key` is neither str nor bytes.
+        ValueError: `key` is a str that is not UTF-8 encodable (a lone
+            surrogate), or `workers` is less than 1.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers!r}")
