@@ -110,14 +110,11 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "double_last": (double_last, False),
 }
 
-# Core bugs still open (each has a strict-xfail test in test_chaos_regressions.py);
-# the machine steers clear of them until they are fixed. Set to False then.
-# exclusive() does not wait for a run() called before it that waits for room:
-KNOWN_BUG_SECTION_PASSES_WAITERS = True
-# A save killed by a BaseException reports close_reason=None (as if the load failed):
-KNOWN_BUG_KILLED_SAVE_REPORT = True
-# asyncio: a native cancel of the worker tasks ends the owner's block early, silently:
-KNOWN_BUG_NATIVE_CANCEL_ENDS_BLOCK = True
+# Core bugs still open (each has a strict-xfail test in test_chaos_regressions.py).
+# The machine still drives them, forgives exactly their signature, and labels the
+# runs that hit them ("known bug: ..."). Set to False once fixed.
+# Teardown during a Conflict replay's reload: the batch's callers get no outcome.
+KNOWN_BUG_REPLAY_RELOAD_TEARDOWN = True
 
 # What a caller may get besides a value and its own cancellation.
 EXPECTED = (keybatch.KeybatchError, ValueError)
@@ -747,12 +744,10 @@ class Chaos:
             assert 0 <= report.replays <= self.max_replays, report
             load_failed = isinstance(report.error, keybatch.LoadError)
             if load_failed and not report.replays:
-                # (A replay's reload that failed keeps the batch's close reason.)
                 assert report.close_reason is None, report
-            elif report.close_reason is None:
-                # Open bug: a save killed by a BaseException reports None.
-                assert KNOWN_BUG_KILLED_SAVE_REPORT, report
-                assert isinstance(report.error, keybatch.SaveError), report
+            elif report.close_reason is None:  # only a load failure has none
+                assert load_failed, report
+                # (A replay's reload that failed keeps the batch's close reason.)
         if self.closed.is_set():
             assert (stats.keys, stats.active_batches, stats.pending_operations) == (
                 0,
@@ -764,6 +759,7 @@ class Chaos:
     async def finish(self) -> None:
         for holder in self.sections:
             holder.release.set()
+        lost: set[int] = set()
         if self.processor is not None:
             self.stop_requested.set()
             self.driver.autojump(True)
@@ -771,12 +767,24 @@ class Chaos:
                 await self.closed.wait()
                 if self.busy:
                     await self.idle.wait()
+            lost = _lost_in_replay_reload(self.rec.events)
+            if timeout.cancel_called and lost and KNOWN_BUG_REPLAY_RELOAD_TEARDOWN:
+                # Their callers wait forever: end them, and forgive only them.
+                self.expect.seen.add("known bug: replay reload torn down")
+                for scope in list(self.callers):
+                    scope.cancel()
+                with anyio.move_on_after(3600) as timeout:
+                    await self.idle.wait()
             self.driver.autojump(False)
             assert not timeout.cancel_called, (
                 "stuck: the processor never closed or a caller never ended"
                 f" (closed={self.closed.is_set()}, callers={self.busy})"
             )
             await self.rec.collect()
+        if lost and KNOWN_BUG_REPLAY_RELOAD_TEARDOWN:
+            self.expect.seen.add("known bug: replay reload torn down")
+            self._check_forgiving(lost)
+            return
         self.rec.check(self.store.data, complete=True)
         self.check_now()
         assert self.rec.pending_unobserved() == 0
@@ -787,9 +795,26 @@ class Chaos:
                 assert self.owner_exit == "fatal", self.owner_exit
             else:
                 assert self.owner_exit != "fatal"
-            if self.owner_exit == "cut short":  # the teardown was swallowed
-                assert KNOWN_BUG_NATIVE_CANCEL_ENDS_BLOCK, self.owner_exit
-                assert self.native_cancelled, self.owner_exit
+            # The block never ends early without an exception (a swallowed
+            # teardown), however the processor ended.
+            assert self.owner_exit != "cut short", self.owner_exit
+        assert not self.driver.keybatch_tasks()
+
+    def _check_forgiving(self, lost: set[int]) -> None:
+        """The end checks, forgiving only the ops the open replay bug lost."""
+        assert self.processor is not None
+        try:
+            self.rec.check(self.store.data, complete=True)
+        except kt.HistoryViolation as exc:
+            allowed = {f"op {n} on key " for n in lost} | {f"op {n}: " for n in lost}
+            left = [
+                p for p in exc.problems if not any(p.startswith(a) for a in allowed)
+            ]
+            assert not left, left
+        stats = self.processor.statistics()
+        assert (stats.keys, stats.active_batches) == (0, 0), stats
+        assert stats.pending_operations <= len(lost), stats
+        assert stats.exclusive_sections == 0, stats
         assert not self.driver.keybatch_tasks()
 
     def labels(self) -> list[str]:
@@ -830,6 +855,39 @@ class _Noting:
     def cancel(self) -> None:
         self.seen.add(f"owner cancelled inside {self.operation}")
         self.scope.cancel()
+
+
+def _lost_in_replay_reload(events: list[kt.Event]) -> set[int]:
+    """Ops with no outcome whose batch was refused with Conflict and whose
+    reload for the replay was then cancelled: the open replay bug's signature."""
+    applied: dict[Hashable, list[int]] = {}
+    refused: dict[Hashable, list[int]] = {}
+    reloading: dict[Hashable, list[int]] = {}
+    found: set[int] = set()
+    cancelled = (trio.Cancelled, asyncio.CancelledError)
+    for e in events:
+        k = e.key
+        if e.kind == kt.LOADED:
+            applied[k] = []
+            reloading.pop(k, None)
+        elif e.kind == kt.APPLY and e.op is not None:
+            applied.setdefault(k, []).append(e.op)
+        elif e.kind == kt.SAVE_FAILED and isinstance(e.error, keybatch.Conflict):
+            refused[k] = applied.get(k, [])
+        elif e.kind == kt.SAVE_FAILED or e.kind == kt.SAVED:
+            refused.pop(k, None)
+        elif e.kind == kt.LOAD and k in refused:
+            reloading[k] = refused.pop(k)
+        elif e.kind == kt.LOAD_FAILED and k in reloading:
+            ops = reloading.pop(k)
+            if isinstance(e.error, cancelled):
+                found.update(ops)
+    answered = {  # ops that got a value or an error from the processor
+        e.op
+        for e in events
+        if e.kind == kt.OUTCOME and not isinstance(e.error, cancelled)
+    }
+    return found - answered
 
 
 def _phases(events: list[kt.Event]) -> set[str]:
@@ -984,17 +1042,7 @@ class ChaosMachine(RuleBasedStateMachine):
 
     # -- exclusive sections
 
-    def may_take(self) -> bool:
-        if self.stopped:
-            return False
-        if KNOWN_BUG_SECTION_PASSES_WAITERS and self.chaos.processor is not None:
-            # Open bug: a section does not wait for calls waiting for room.
-            return not self.driver.call(
-                lambda: _waiting_for_room(self.chaos.processor)  # type: ignore[arg-type]
-            )
-        return True
-
-    @precondition(may_take)
+    @precondition(lambda self: not self.stopped)
     @rule(
         keys=st.lists(st.sampled_from(KEYS), min_size=1, max_size=3),
         wait=st.sampled_from([True, True, False]),
@@ -1178,13 +1226,13 @@ def test_the_machine_drives_each_ending(backend: str) -> None:
     window open, saving; the owner cancelled; a Fatal; a replay; a section."""
     machine = _machine(backend)
     try:
-        _open(machine, min_duration=0.05, workers=3, max_pending=1, versioned=True)
+        _open(machine, min_duration=0.05, workers=3, max_pending=2, versioned=True)
         machine.inject("load", "b", "slow", 1)
         machine.inject("save", "a", "conflict", 1)
         machine.submit("a", "append", 1, False)
-        machine.burst([("a", 2), ("b", 3), ("a", 4)])  # they wait for room
-        machine.take_section(["c"], True, None)
+        machine.take_section(["c"], True, None)  # held at once
         machine.run("c", "append", 5, None)  # queued behind the section
+        machine.burst([("a", 2), ("b", 3), ("a", 4)])  # they wait for room
         machine.history_is_valid()
         machine.advance(0.05)
         machine.release_section(0)
@@ -1213,3 +1261,22 @@ def test_a_fatal_hook_kills_the_processor_and_every_call_ends(backend: str) -> N
     finally:
         machine.teardown()
     assert machine.chaos.owner_exit == "fatal"
+
+
+@pytest.mark.parametrize("backend", sorted(MACHINES))
+@pytest.mark.parametrize("wait", [True, False])
+def test_teardown_during_a_replays_reload(backend: str, wait: bool) -> None:
+    """The long run's find (test_chaos_regressions): the machine ends cleanly,
+    forgiving only that bug's lost ops while it is open."""
+    machine = _machine(backend)
+    try:
+        _open(machine, min_duration=0.01, max_duration=0.03, versioned=True)
+        machine.inject("load", "c", "cancel", 2)  # the replay's reload
+        machine.submit("c", "append", 0, wait)
+        machine.advance(0.001)
+        machine.external_write("c", 0)  # the save will conflict
+        machine.history_is_valid()
+    finally:
+        machine.teardown()
+    hit = "known bug: replay reload torn down" in machine.chaos.labels()
+    assert hit == KNOWN_BUG_REPLAY_RELOAD_TEARDOWN
