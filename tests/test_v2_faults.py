@@ -607,3 +607,25 @@ async def test_fault11_cancelled_callers_wake_the_batch_at_most_once() -> None:
     # one split (every other caller re-parks once), then O(1) per cancellation
     assert created <= 200 + 50 * 3
     assert processor.statistics().operations_withdrawn == 50
+
+
+# -- the asyncio path does not import trio ---------------------------------------
+
+
+def test_the_asyncio_path_does_not_import_trio() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, sys, keybatch\n"
+        "async def batch_load(ids):\n"
+        "    return {i: i for i in ids}\n"
+        "async def main():\n"
+        "    async with keybatch.open_processor(min_duration=0) as p:\n"
+        "        assert await p.run('k', lambda r: 1) == 1\n"
+        "    async with keybatch.open_loader(batch_load) as loader:\n"
+        "        assert await loader.load(3) == 3\n"
+        "asyncio.run(main())\n"
+        "assert 'trio' not in sys.modules, 'trio was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

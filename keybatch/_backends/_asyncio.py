@@ -29,7 +29,7 @@ from .._model import SlotState
 from .._pending import Pending, outcome_error
 from . import foreign_loop_error
 
-__all__ = ["AsyncioBackend", "AsyncioEvent", "PUBLIC_ONLY"]
+__all__ = ["PUBLIC_ONLY", "AsyncioBackend", "AsyncioEvent", "running_loop"]
 
 QUEUED = SlotState.QUEUED
 VALUE = SlotState.VALUE
@@ -41,6 +41,18 @@ PUBLIC_ONLY = sys.version_info < (3, 11) or os.environ.get(
 ) not in ("", "0")
 
 _CancelledError = asyncio.CancelledError
+
+if PUBLIC_ONLY:
+
+    def running_loop() -> asyncio.AbstractEventLoop | None:
+        """The running asyncio loop of this thread, or None."""
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+
+else:
+    running_loop = asyncio._get_running_loop  # no exception when there is none
 
 if PUBLIC_ONLY:
     _current_task: Any = asyncio.current_task

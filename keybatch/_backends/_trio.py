@@ -7,7 +7,6 @@ path creates one event per batch and parks one task per operation.
 from __future__ import annotations
 
 import math
-from asyncio import _get_running_loop
 from typing import Any, final
 
 import trio
@@ -15,6 +14,7 @@ import trio
 from .._model import SlotState
 from .._pending import Pending, outcome_error
 from . import foreign_loop_error
+from ._asyncio import running_loop
 
 __all__ = ["TrioBackend"]
 
@@ -48,7 +48,7 @@ class TrioBackend:
 
     async def wait(self, slot: Pending[Any]) -> Any:
         batch = slot._batch
-        if _get_running_loop() is not None:
+        if running_loop() is not None:
             # asyncio.run() inside a trio task: parking would corrupt trio.
             if slot._state is QUEUED:
                 batch.state.worker.engine.withdraw(slot)
@@ -71,6 +71,6 @@ class TrioBackend:
             del error, slot, batch
 
     async def wait_result(self, slot: Pending[Any]) -> None:
-        if _get_running_loop() is not None:
+        if running_loop() is not None:
             raise foreign_loop_error()
         await slot._batch.event.wait()  # trio's wait checkpoints when set

@@ -10,10 +10,9 @@ removes one: a cancelled waiter's future is cancelled, and ``set`` skips it.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
-
-import trio
 
 __all__ = ["FutureSignal", "Signal", "signal_factory"]
 
@@ -67,9 +66,13 @@ class FutureSignal:
 
 def signal_factory() -> Callable[[], Signal]:
     """Return the signal constructor for the running event loop."""
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        loop = asyncio.get_running_loop()
-        return lambda: FutureSignal(loop)
-    return trio.Event
+    trio = sys.modules.get("trio")  # not imported: not running (asyncio path)
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return trio.Event  # type: ignore[no-any-return]
+    loop = asyncio.get_running_loop()
+    return lambda: FutureSignal(loop)

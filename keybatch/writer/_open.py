@@ -11,7 +11,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
-import trio
 
 from ._records import FlushReport
 from ._retry import RetryPolicy, exponential_backoff, retry_transient
@@ -181,12 +180,16 @@ def _is_async(fn: object) -> bool:
 def _backend() -> tuple[Callable[[], float], Callable[[], Awaitable[object]]]:
     """The running loop's clock and cheapest checkpoint (anyio's own cost
     several times more on asyncio: they look the backend up on every call)."""
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        loop = asyncio.get_running_loop()
-        return loop.time, _asyncio_checkpoint
-    return trio.current_time, trio.lowlevel.checkpoint
+    trio = sys.modules.get("trio")  # not imported: not running (asyncio path)
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return trio.current_time, trio.lowlevel.checkpoint
+    loop = asyncio.get_running_loop()
+    return loop.time, _asyncio_checkpoint
 
 
 async def _asyncio_checkpoint() -> None:
