@@ -13,7 +13,7 @@ import pytest
 
 import keybatch
 
-from ..helpers import now, outcome_of, settle
+from ..helpers import Harness, append, now, outcome_of, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -45,6 +45,23 @@ async def test_run_waits_for_room_at_max_pending() -> None:
             assert processor.statistics().pending_operations == 2
     # c waited for room until a and b finished at 1.0, then had its own window
     assert started == {"a": 1.0, "b": 1.0, "c": 2.0}
+
+
+@pytest.mark.parametrize("max_pending", [1, 2, 3])
+async def test_callers_waiting_for_room_are_admitted_in_call_order(
+    max_pending: int,
+) -> None:
+    h = Harness()
+    async with h.open(max_pending=max_pending, min_duration=0.25) as processor:
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(h.call, processor, i, "k", append, i)
+                await settle()  # each call made after the one before
+            stats = processor.statistics()
+            assert stats.pending_operations == max_pending
+    assert h.results == {i: i + 1 for i in range(8)}
+    assert h.store.data == {"k": list(range(8))}
+    await h.check()
 
 
 async def test_a_withdrawn_operation_makes_room() -> None:

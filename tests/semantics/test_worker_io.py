@@ -61,7 +61,42 @@ async def test_at_most_workers_loads_and_saves_in_flight(workers: int) -> None:
     assert peak == workers
 
 
-async def test_a_slow_load_delays_the_keys_sharing_its_worker() -> None:
+@pytest.mark.parametrize(
+    ("max_duration", "expected"),
+    [
+        (
+            0.5,
+            {
+                "slow": TimeoutError,  # its own deadline: 0.5
+                "slow at": 0.5,
+                # started at 0 but loads only once the worker is free: its
+                # deadline (0.5) passed while it waited, so its load is cut
+                # off at its first await
+                "same": TimeoutError,
+                "same at": 0.5,
+                "apart": 1,  # another worker: not delayed
+                "apart at": 0.25,
+            },
+        ),
+        (
+            5,
+            {
+                "slow": 1,
+                "slow at": 0.8125,  # loaded past its window: closes at once
+                # loaded from 0.8125 to 0.875; its window counts from its
+                # start (0), not from its load: it closes right after the load
+                "same": 1,
+                "same at": 0.875,
+                "apart": 1,
+                "apart at": 0.25,
+            },
+        ),
+    ],
+    ids=["the delay counts against the deadline", "and against the window"],
+)
+async def test_a_slow_load_delays_the_keys_sharing_its_worker(
+    max_duration: float, expected: dict[str, object]
+) -> None:
     store = Store(load_delay=0.0625)
 
     async def load(key: str) -> Account:
@@ -76,7 +111,7 @@ async def test_a_slow_load_delays_the_keys_sharing_its_worker() -> None:
         workers=2,
         worker_for_key=lambda key, n: 1 if key == "apart" else 0,
         min_duration=0.25,
-        max_duration=0.5,
+        max_duration=max_duration,
     ) as processor:
 
         async def call(key: str) -> None:
@@ -91,16 +126,7 @@ async def test_a_slow_load_delays_the_keys_sharing_its_worker() -> None:
             await settle()  # the worker is in the slow load
             tg.start_soon(call, "same")
             tg.start_soon(call, "apart")
-    assert results == {
-        "slow": TimeoutError,  # its own deadline: 0.5
-        "slow at": 0.5,
-        # started at 0 but loads only once the worker is free: its deadline
-        # (0.5) passed while it waited, so its load is cut off at its first await
-        "same": TimeoutError,
-        "same at": 0.5,
-        "apart": 1,  # another worker: not delayed
-        "apart at": 0.25,
-    }
+    assert results == expected
 
 
 async def test_a_due_window_closes_while_new_keys_keep_arriving() -> None:
