@@ -120,6 +120,10 @@ class Admission:
         while queue and queue[0].cancelled:
             queue.popleft()
 
+    def keys(self) -> set[Hashable]:
+        """The keys of the calls waiting for room (O(waiters))."""
+        return {w.key for w in self._queue if not w.cancelled and w.section is None}
+
     def refuse_all(self) -> None:
         queue = self._queue
         while queue:

@@ -187,6 +187,8 @@ class Engine:
         st = worker.keys.get(key)
         if st is None:
             st = KeyState(key, worker, self.clock() if self.timed else 0.0)
+            if self.options.on_batch is not None:
+                st.wall_start = time.time()
             worker.keys[key] = st
             self.counters.key_added()
             batch = st.tail = Batch(st, self.new_event())
@@ -307,6 +309,13 @@ class Engine:
         worker.timers.clear()
         if self.admission.waiting:  # pragma: no cover - refused at stop
             self.admission.refuse_all()
+
+    def _restart(self, st: KeyState) -> None:
+        """The key's next batch starts now (both clocks)."""
+        if self.timed:
+            st.start = self.clock()
+            if self.options.on_batch is not None:
+                st.wall_start = time.time()
 
     def _drop(self, worker: Worker, st: KeyState) -> None:
         st.phase = GONE
@@ -433,8 +442,6 @@ class Engine:
         st.batch_no += 1
         self.counters.batch_started()
         if self.timed:
-            if options.on_batch is not None:
-                st.wall_start = time.time()
             max_duration = options.max_duration
             st.deadline = math.inf if max_duration is None else st.start + max_duration
             st.close_at = st.start + options.min_duration
@@ -503,7 +510,7 @@ class Engine:
             timed = self.timed
             began = self.clock() if timed else 0.0
             while True:
-                outcome = await self._save(st, resource, reason, began)
+                outcome = await self._save(st, resource, reason, began, failed, replays)
                 if not isinstance(outcome, Conflict):
                     save_failure = outcome
                     break
@@ -514,15 +521,30 @@ class Engine:
                 # Another writer saved first: load again, apply the same
                 # operations again in the same order, save again.
                 replays += 1
-                failure = await self._load(st)
+                try:
+                    failure = await self._load(st)
+                except BaseException:
+                    # Torn down (or a BaseException) during the reload: nothing
+                    # was stored (the save raised Conflict); say so, then go.
+                    refused = SaveFailure(outcome, False)
+                    for slot in batch.slots:
+                        if slot._state is VALUE:
+                            slot._state = SlotState.SAVE_FAILED
+                            slot._outcome = refused
+                    spent = self.clock() - began if timed else None
+                    self._finish(
+                        worker, st, batch, reason, failed, spent, None, refused, replays
+                    )
+                    raise
                 if failure is not None:
                     save_failure = None
                     for slot in batch.slots:
                         if slot._state is VALUE or slot._state is RAISED:
                             slot._state = SlotState.LOAD_FAILED
                             slot._outcome = failure
+                    spent = self.clock() - began if timed else None
                     self._finish(
-                        worker, st, batch, reason, 0, None, failure, None, replays
+                        worker, st, batch, reason, 0, spent, failure, None, replays
                     )
                     return
                 resource = st.resource
@@ -543,7 +565,13 @@ class Engine:
         )  # fmt: skip
 
     async def _save(
-        self, st: KeyState, resource: Any, reason: CloseReason, began: float
+        self,
+        st: KeyState,
+        resource: Any,
+        reason: CloseReason,
+        began: float,
+        failed: int,
+        replays: int,
     ) -> SaveFailure | Conflict | None:
         """Save, shielded and under the batch deadline. Returns None when saved,
         the Conflict, or the failure. A BaseException that is not a failure
@@ -573,7 +601,9 @@ class Engine:
                     slot._state = SlotState.SAVE_FAILED
                     slot._outcome = broken
             duration = self.clock() - began if self.timed else None
-            self._finish(worker, st, batch, reason, 0, duration, None, broken, 0)
+            self._finish(
+                worker, st, batch, reason, failed, duration, None, broken, replays
+            )
             raise
         finally:
             worker.saving = False
@@ -617,8 +647,7 @@ class Engine:
         if st.phase is not GONE:
             if st.queue:
                 st.phase = NEW
-                if self.timed:
-                    st.start = self.clock()
+                self._restart(st)
                 worker.schedule(st)
             else:
                 self._drop(worker, st)
@@ -723,8 +752,7 @@ class Engine:
             if at_head and st.phase is HELD:
                 if queue:
                     st.phase = NEW
-                    if self.timed:
-                        st.start = self.clock()
+                    self._restart(st)
                     st.worker.schedule(st)
                 else:
                     self._drop(st.worker, st)

@@ -64,7 +64,8 @@ class SaveError(BatchError):
     `may_have_landed`:
 
     - `False`: the store refused before it wrote: the save raised
-      [`Conflict`][keybatch.Conflict] more than `max_replays` times in a row. The
+      [`Conflict`][keybatch.Conflict] more than `max_replays` times in a row (or
+      once, and the processor was torn down before it could replay). The
       effect is not stored; retrying is safe.
     - `True`: the save began and was interrupted (the batch deadline, a
       cancellation, or an exception other than `Conflict` from the store). The

@@ -22,7 +22,7 @@ from ._admission import Waiter
 from ._backends import current_backend
 from ._engine import Engine, EngineState, Worker
 from ._errors import KeyBusy, Overloaded, ProcessorStopped
-from ._model import KeyPhase, Options, SlotState
+from ._model import KeyPhase, Options, Section, SlotState
 from ._pending import Pending
 from ._records import BatchReport, ProcessorStatistics
 from ._routing import _route
@@ -259,9 +259,13 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
                 [`KeyBusy`][keybatch.KeyBusy] names the keys not yet reached.
 
         Raises:
-            KeyBusy: As above; nothing is held.
+            KeyBusy: As above; nothing is held. A call waiting for room under
+                `max_pending` makes its key busy, and the section queues behind
+                it (`timeout` counts that wait too).
             ProcessorStopped: The processor is stopping, or was torn down while
                 the section waited.
+            TypeError, ValueError: No key, or a key the router refuses (as for
+                [`run`][keybatch.Processor.run]).
 
         Cancellation: cancelling the wait, or the block, releases the keys.
         A graceful stop waits for held sections to end. Entering is always a
@@ -277,43 +281,35 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
             if key not in seen:
                 seen.add(key)
                 routed.append((worker, key))
+        # Callers waiting for room on these keys were called first: a section
+        # on their keys queues behind them (in the admission queue).
+        waiting = engine.admission.keys() if engine.admission.waiting else set()
+        behind = [key for _, key in routed if key in waiting]
         if not wait:
-            busy = [key for worker, key in routed if engine.busy(worker, key)]
+            busy = [
+                key
+                for worker, key in routed
+                if key in waiting or engine.busy(worker, key)
+            ]
             if busy:
                 raise KeyBusy(busy)
-        limit = self._max_pending
-        if limit is not None and engine.admission.waiting:
-            # Callers waiting for room were called first: queue behind them.
-            waiter = Waiter(
-                None, None, _noop, (), {}, copy_context(), engine.new_event()
-            )
-            waiter.section = routed
-            engine.admission.push(waiter)
-            try:
-                await waiter.event.wait()
-            except BaseException:
-                if waiter.slot is not None:
-                    engine.release_section(waiter.slot)
-                elif not waiter.refused:
-                    engine.admission.cancel(waiter)
-                raise
-            if waiter.refused:
-                raise ProcessorStopped("the processor is stopping")
-            section = waiter.slot
-        else:
-            section = engine.open_section(routed)
+        deadline = math.inf if timeout is None else engine.clock() + timeout
+        section: Section | None = None
         try:
-            if section.held:
-                await engine.backend.checkpoint()
-            elif timeout is None:
-                await section.event.wait()
-            else:
-                deadline = engine.clock() + timeout
-                with engine.backend.cancel_scope(deadline=deadline):
+            with engine.backend.cancel_scope(deadline=deadline):
+                if behind:
+                    section = await self._queue_section(routed)
+                else:
+                    section = engine.open_section(routed)
+                if section.held:
+                    await engine.backend.checkpoint()
+                else:
                     await section.event.wait()
+            if section is None:
+                raise KeyBusy(behind)  # timed out behind callers waiting for room
             if section.failed:
                 raise ProcessorStopped("the processor is stopping")
-            if not section.held:
+            if not section.held:  # timed out
                 raise KeyBusy(
                     [
                         st.key
@@ -324,7 +320,26 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
                 )
             yield
         finally:
-            engine.release_section(section)
+            if section is not None:
+                engine.release_section(section)
+
+    async def _queue_section(self, routed: list[tuple[Worker, Hashable]]) -> Section:
+        """Wait in the admission queue for the callers ahead; then open it."""
+        engine = self._engine
+        waiter = Waiter(None, None, _noop, (), {}, copy_context(), engine.new_event())
+        waiter.section = routed
+        engine.admission.push(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.slot is not None:
+                engine.release_section(waiter.slot)
+            elif not waiter.refused:
+                engine.admission.cancel(waiter)
+            raise
+        if waiter.refused:
+            raise ProcessorStopped("the processor is stopping")
+        return waiter.slot  # type: ignore[no-any-return]
 
     def statistics(self) -> ProcessorStatistics:
         """Return a snapshot of the processor's counters (a frozen record)."""
@@ -420,7 +435,11 @@ def open_processor(
     [`Processor.aclose`][keybatch.Processor.aclose]). If the block raises or
     is cancelled, the workers are cancelled instead: saves in progress still
     finish (shielded, bounded by `max_duration`), and operations not applied
-    yet fail with [`ProcessorStopped`][keybatch.ProcessorStopped].
+    yet fail with [`ProcessorStopped`][keybatch.ProcessorStopped]. On asyncio,
+    a native `task.cancel()` of a worker task (not through the processor's
+    owner) cannot be shielded against: it interrupts a save in progress, whose
+    callers get a [`SaveError`][keybatch.SaveError] with `may_have_landed=True`,
+    and tears the processor down.
 
     `load`, `save` and `on_batch` run in the worker tasks, in the contextvars
     context in which `open_processor` was entered; each operation runs in a
@@ -448,8 +467,9 @@ def open_processor(
             room (first come, first served), `submit` raises
             [`Overloaded`][keybatch.Overloaded].
         on_batch: Plain callable given a [`BatchReport`][keybatch.BatchReport]
-            after each batch. Exceptions it raises are logged (WARNING, logger
-            `keybatch`) and ignored.
+            after each batch. An `Exception` it raises is logged (WARNING,
+            logger `keybatch`) and ignored; a `BaseException` tears the
+            processor down and comes out of the block.
         max_replays: How many times a batch whose save raised
             [`Conflict`][keybatch.Conflict] loads and applies again before its
             callers get a [`SaveError`][keybatch.SaveError]. Operations must

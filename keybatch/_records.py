@@ -19,11 +19,13 @@ class ProcessorStatistics:
 
     Attributes:
         workers: Number of worker tasks.
-        keys: Keys that hold state now: pending operations or a batch in flight.
+        keys: Keys that hold state now: pending operations, a batch in flight,
+            or an exclusive section holding or awaiting them.
         active_batches: Batches loading, open, or saving now.
         pending_operations: Accepted operations whose outcome is not delivered yet.
         operations_done: Operations whose outcome (value or exception) was delivered.
-        batches_done: Batches finished, failed ones included.
+        batches_done: Batches finished, failed ones included (not the ones a
+            teardown failed before they ran).
         load_failures: Batches whose load raised or timed out.
         save_failures: Batches whose save raised or timed out.
         operation_failures: Operations that raised.
@@ -64,15 +66,18 @@ class BatchReport:
     Attributes:
         key: The batch's key.
         worker: Index of the worker that ran it.
-        start: When the batch started (its first operation arrived, or the
-            previous batch of the key finished).
+        start: When the batch started: its first operation arrived, or the
+            previous batch of the key finished, or an exclusive section
+            released the key. Loop clock.
         operations: Operations the batch took: applied, raised, or failed by its load.
         load_duration: Seconds spent in load (0.0 without a load function).
         save_duration: Seconds spent in save, or None when nothing was saved.
         error: The [`LoadError`][keybatch.LoadError] or
             [`SaveError`][keybatch.SaveError] that failed the batch, or None.
-        close_reason: Why the window closed: `"window"` (min_duration passed),
-            `"max_ops"`, `"flush"` or `"stop"`; None when the load failed.
+        close_reason: Why the window closed: `"window"` (min_duration passed,
+            or every caller withdrew),
+            `"max_ops"`, `"flush"` or `"stop"`; None when the batch's first
+            load failed (a failed reload during a replay keeps the reason).
         duration: Seconds from the start to the delivery of the outcomes.
         failed_operations: Operations that raised (their callers got their
             exceptions; the batch went on).

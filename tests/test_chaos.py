@@ -114,7 +114,7 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
 # The machine still drives them, forgives exactly their signature, and labels the
 # runs that hit them ("known bug: ..."). Set to False once fixed.
 # Teardown during a Conflict replay's reload: the batch's callers get no outcome.
-KNOWN_BUG_REPLAY_RELOAD_TEARDOWN = True
+KNOWN_BUG_REPLAY_RELOAD_TEARDOWN = False  # fixed in the engine (replay reload)
 
 # What a caller may get besides a value and its own cancellation.
 EXPECTED = (keybatch.KeybatchError, ValueError)

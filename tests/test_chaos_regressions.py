@@ -106,15 +106,6 @@ def _append(resource: list[int], x: int) -> int:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "teardown during a Conflict replay's reload loses the batch: the reload"
-        " runs outside worker.saving, so the worker's cancellation reaches it,"
-        " and _abort_worker fails only st.queue, not st.closing: the callers"
-        " never get an outcome and pending_operations stays 1"
-    ),
-)
 async def test_teardown_during_a_replays_reload_gives_every_caller_an_outcome() -> None:
     store = kt.memory_store(lambda key: [], versioned=True)
     # The save finds that another writer saved first (Conflict): the batch

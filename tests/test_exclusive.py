@@ -191,3 +191,28 @@ async def test_exclusive_needs_a_key_and_routes_it_like_run() -> None:
     with pytest.raises(keybatch.ProcessorStopped):
         async with processor.exclusive("a"):
             pass
+
+
+async def test_a_call_waiting_for_room_makes_its_key_busy_and_counts_for_timeout() -> (
+    None
+):
+    store = Store()
+    async with opener(store, max_pending=1) as processor:
+        processor.submit("a", append, "first")  # takes the only room
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(processor.run, "a", append, "waiting for room")
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(keybatch.KeyBusy) as info:
+                async with processor.exclusive("a", "b", wait=False):
+                    pytest.fail("entered")
+            assert info.value.keys == ("a",)
+            start = anyio.current_time()
+            with pytest.raises(keybatch.KeyBusy):
+                async with processor.exclusive("a", timeout=0.05):
+                    pytest.fail("entered")
+            assert anyio.current_time() - start == pytest.approx(0.05)
+            # a key nobody waits on is not held up by the queue for room
+            async with processor.exclusive("b", wait=False):
+                pass
+            async with processor.exclusive("a"):
+                assert store.data["a"] == ["first", "waiting for room"]
