@@ -69,6 +69,8 @@ _YIELD_EVERY = 64
 # Return types that are never awaitable: skips a failing hasattr.
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, tuple, list, dict})
 _new_slot = object.__new__
+# What a save came to (the failure itself travels on the key state).
+_SAVED, _CONFLICT, _FAILED = "saved", "conflict", "failed"
 
 
 class EngineState(enum.Enum):
@@ -445,17 +447,15 @@ class Engine:
             max_duration = options.max_duration
             st.deadline = math.inf if max_duration is None else st.start + max_duration
             st.close_at = st.start + options.min_duration
-        failure = await self._load(st)
-        if failure is not None:
+        await self._load(st)
+        if st.failure is not None:
             queue.popleft()
             if st.tail is batch:
                 st.tail = None
             worker.queued -= batch.live
-            for slot in batch.slots:
-                if slot._state is QUEUED:
-                    slot._state = SlotState.LOAD_FAILED
-                    slot._outcome = failure
-            self._finish(worker, st, batch, None, 0, None, failure, None, 0)
+            _fail_slots(batch, QUEUED, SlotState.LOAD_FAILED, st.failure)
+            self._finish(worker, st, batch, None, 0, None, st.failure, None, 0)
+            st.failure = None
             return
         reason = self._close_reason(st)
         if reason is None and options.min_duration == 0:
@@ -466,32 +466,36 @@ class Engine:
             st.phase = OPEN
             heappush(worker.timers, (st.close_at, next(worker.seq), st, st.batch_no))
 
-    async def _load(self, st: KeyState) -> BaseException | None:
-        """Load the key's resource into `st.resource`; return the failure, if any."""
+    async def _load(self, st: KeyState) -> None:
+        """Load the key's resource into `st.resource`, or its failure into
+        `st.failure`.
+
+        Failures travel on the key state, never in a local variable: on Python
+        3.12+ a failure's traceback keeps every frame of the await chain alive
+        with its locals, so a frame that held the failure would make a cycle.
+        """
         load = self.options.load
         if load is None:
-            st.resource = None
-            return None
+            st.resource = st.failure = None
+            return
         timed = self.timed
         began = self.clock() if timed else 0.0
         backend = self.backend
         deadline = st.deadline
-        failure: BaseException | None = None
         if deadline == math.inf:
-            st.resource, failure = await _guarded(load, (st.key,), backend)
+            st.resource, st.failure = await _guarded(load, (st.key,), backend)
         else:
-            st.resource = None
+            st.resource = st.failure = None
             with backend.cancel_scope(deadline=deadline) as scope:
-                st.resource, failure = await _guarded(load, (st.key,), backend)
-            if scope.cancelled_caught and failure is None:
-                failure = _timeout(st.key, "load", self.options.max_duration)
+                st.resource, st.failure = await _guarded(load, (st.key,), backend)
+            if scope.cancelled_caught and st.failure is None:
+                st.failure = _timeout(st.key, "load", self.options.max_duration)
         if timed:
             st.load_duration = self.clock() - began
-        return failure
 
     async def _close(self, worker: Worker, st: KeyState, reason: CloseReason) -> None:
         """Apply the batch in call order, save once (replaying on Conflict),
-        deliver every outcome."""
+        deliver every outcome. Failures travel on `st.failure` (see `_load`)."""
         batch: Batch = st.queue.popleft()  # type: ignore[assignment]
         if st.tail is batch:
             st.tail = None
@@ -503,49 +507,48 @@ class Engine:
         st.resource = None
         applied, failed = _apply(batch.slots, resource, QUEUED)
         save = options.save
-        save_failure: SaveFailure | None = None
         save_duration: float | None = None
         replays = 0
+        timed = self.timed
         if applied and save is not None:
-            timed = self.timed
             began = self.clock() if timed else 0.0
             while True:
-                outcome = await self._save(st, resource, reason, began, failed, replays)
-                if not isinstance(outcome, Conflict):
-                    save_failure = outcome
+                verdict = await self._save(st, resource, reason, began, failed, replays)
+                if verdict is not _CONFLICT:
                     break
                 self.counters.conflict()
                 if replays >= options.max_replays or self.state is ABORTING:
-                    save_failure = SaveFailure(outcome, False)
+                    st.failure = SaveFailure(st.failure, False)
                     break
                 # Another writer saved first: load again, apply the same
                 # operations again in the same order, save again.
                 replays += 1
+                st.conflict = st.failure
                 try:
-                    failure = await self._load(st)
+                    await self._load(st)
                 except BaseException:
                     # Torn down (or a BaseException) during the reload: nothing
                     # was stored (the save raised Conflict); say so, then go.
-                    refused = SaveFailure(outcome, False)
-                    for slot in batch.slots:
-                        if slot._state is VALUE:
-                            slot._state = SlotState.SAVE_FAILED
-                            slot._outcome = refused
-                    spent = self.clock() - began if timed else None
+                    st.failure = SaveFailure(st.conflict, False)
+                    st.conflict = None
+                    _fail_slots(batch, VALUE, SlotState.SAVE_FAILED, st.failure)
                     self._finish(
-                        worker, st, batch, reason, failed, spent, None, refused, replays
-                    )
+                        worker, st, batch, reason, failed,
+                        self.clock() - began if timed else None,
+                        None, st.failure, replays,
+                    )  # fmt: skip
+                    st.failure = None
                     raise
-                if failure is not None:
-                    save_failure = None
-                    for slot in batch.slots:
-                        if slot._state is VALUE or slot._state is RAISED:
-                            slot._state = SlotState.LOAD_FAILED
-                            slot._outcome = failure
-                    spent = self.clock() - began if timed else None
+                st.conflict = None
+                if st.failure is not None:
+                    _fail_slots(batch, VALUE, SlotState.LOAD_FAILED, st.failure)
+                    _fail_slots(batch, RAISED, SlotState.LOAD_FAILED, st.failure)
                     self._finish(
-                        worker, st, batch, reason, 0, spent, failure, None, replays
-                    )
+                        worker, st, batch, reason, 0,
+                        self.clock() - began if timed else None,
+                        st.failure, None, replays,
+                    )  # fmt: skip
+                    st.failure = None
                     return
                 resource = st.resource
                 st.resource = None
@@ -554,15 +557,13 @@ class Engine:
                     break
             if timed:
                 save_duration = self.clock() - began
-        if save_failure is not None:
-            for slot in batch.slots:
-                if slot._state is VALUE:
-                    slot._state = SlotState.SAVE_FAILED
-                    slot._outcome = save_failure
+        if st.failure is not None:
+            _fail_slots(batch, VALUE, SlotState.SAVE_FAILED, st.failure)
         self._finish(
-            worker, st, batch, reason, failed, save_duration, None, save_failure,
+            worker, st, batch, reason, failed, save_duration, None, st.failure,
             replays,
         )  # fmt: skip
+        st.failure = None
 
     async def _save(
         self,
@@ -572,50 +573,51 @@ class Engine:
         began: float,
         failed: int,
         replays: int,
-    ) -> SaveFailure | Conflict | None:
-        """Save, shielded and under the batch deadline. Returns None when saved,
-        the Conflict, or the failure. A BaseException that is not a failure
-        (KeyboardInterrupt, a native cancellation that breaks the shield) is
-        delivered to the batch's callers as a SaveError first, then re-raised."""
+    ) -> object:
+        """Save, shielded from teardown and under the batch deadline.
+
+        Returns `_SAVED`, or `_CONFLICT` with the Conflict in `st.failure`, or
+        `_FAILED` with a SaveFailure in `st.failure`. A BaseException that is
+        not a failure (KeyboardInterrupt, a native cancellation on asyncio) is
+        delivered to the batch's callers as a SaveError first, then re-raised.
+        """
         backend = self.backend
         save = self.options.save
         assert save is not None
-        failure: BaseException | None = None
         worker = st.worker
         deadline = st.deadline
         late = False
         worker.saving = True
         try:
             if deadline == math.inf:
-                _, failure = await _guarded(save, (st.key, resource), backend)
+                _, st.failure = await _guarded(save, (st.key, resource), backend)
             else:
+                st.failure = None
                 with backend.cancel_scope(deadline=deadline) as scope:
-                    _, failure = await _guarded(save, (st.key, resource), backend)
+                    _, st.failure = await _guarded(save, (st.key, resource), backend)
                 late = scope.cancelled_caught
         except BaseException as exc:
             batch = st.closing
             assert batch is not None
-            broken = SaveFailure(exc, True)
-            for slot in batch.slots:
-                if slot._state is VALUE:
-                    slot._state = SlotState.SAVE_FAILED
-                    slot._outcome = broken
-            duration = self.clock() - began if self.timed else None
+            st.failure = SaveFailure(exc, True)
+            _fail_slots(batch, VALUE, SlotState.SAVE_FAILED, st.failure)
             self._finish(
-                worker, st, batch, reason, failed, duration, None, broken, replays
-            )
+                worker, st, batch, reason, failed,
+                self.clock() - began if self.timed else None,
+                None, st.failure, replays,
+            )  # fmt: skip
+            st.failure = None
             raise
         finally:
             worker.saving = False
-        if failure is None:
-            if late:
-                return SaveFailure(
-                    _timeout(st.key, "save", self.options.max_duration), True
-                )
-            return None
-        if isinstance(failure, Conflict):
-            return failure
-        return SaveFailure(failure, True)
+        if st.failure is None:
+            if not late:
+                return _SAVED
+            st.failure = _timeout(st.key, "save", self.options.max_duration)
+        elif isinstance(st.failure, Conflict):
+            return _CONFLICT
+        st.failure = SaveFailure(st.failure, True)
+        return _FAILED
 
     def _finish(
         self,
@@ -774,6 +776,14 @@ def _fail_section(section: Section) -> None:
     if not section.held and not section.released:
         section.failed = True
         section.event.set()
+
+
+def _fail_slots(batch: Batch, state: SlotState, to: SlotState, outcome: Any) -> None:
+    """Give every slot of the batch in `state` the failed state `to`."""
+    for slot in batch.slots:
+        if slot._state is state:
+            slot._state = to
+            slot._outcome = outcome
 
 
 def _abort_batch(batch: Batch) -> int:

@@ -284,6 +284,8 @@ class KeyState:
         "load_duration",
         "closing",
         "close_at",
+        "failure",
+        "conflict",
     )
 
     def __init__(self, key: Hashable, worker: Any, start: float) -> None:
@@ -301,6 +303,10 @@ class KeyState:
         self.load_duration = 0.0
         self.closing: Batch | None = None  # the batch being applied and saved
         self.close_at = math.inf
+        # The failure of the batch in flight, on its way to the callers (see
+        # Engine._load: never in a local variable), and a Conflict being replayed.
+        self.failure: Any = None
+        self.conflict: Any = None
 
     def __repr__(self) -> str:
         return (
