@@ -330,6 +330,7 @@ async def test_conflict_replays_apply_each_op_once_on_top_of_the_other_writer() 
         async with anyio.create_task_group() as tg:
             for x in (1, 2):
                 tg.start_soon(rec.run, processor, "k", append, x)
+                await anyio.sleep(0.001)  # called in this order, in one window
         assert processor.statistics().conflicts == 1
     rec.check(store.data, complete=True)
     assert store.data == {"k": [100, 1, 2]}
