@@ -234,7 +234,7 @@ class SaveFailure:
 
     __slots__ = ("cause", "may_have_landed")
 
-    def __init__(self, cause: BaseException, may_have_landed: bool) -> None:
+    def __init__(self, cause: Any, may_have_landed: bool) -> None:
         self.cause = cause
         self.may_have_landed = may_have_landed
 

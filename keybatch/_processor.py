@@ -48,7 +48,15 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
     `R` is the type of the resource that `load` returns and operations receive.
     """
 
-    __slots__ = ("_engine", "_thread", "_max_pending", "_router", "_workers", "_wait")
+    __slots__ = (
+        "_engine",
+        "_thread",
+        "_max_pending",
+        "_router",
+        "_workers",
+        "_wait",
+        "_cancel_point",
+    )
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -57,6 +65,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         self._router = engine.options.router
         self._workers = engine.workers
         self._wait = engine.backend.wait
+        self._cancel_point = engine.backend.cancel_point
 
     def __repr__(self) -> str:
         engine = self._engine
@@ -141,6 +150,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         cancelling a wait for room enqueues nothing. This is always a checkpoint.
         """
         worker = self._prepare(key, op)
+        await self._cancel_point()  # already cancelled: accept nothing
         engine = self._engine
         limit = self._max_pending
         if limit is not None and (

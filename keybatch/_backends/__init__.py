@@ -55,6 +55,11 @@ class Backend(Protocol):
         """A cancel scope with an absolute deadline, optionally shielded."""
         ...
 
+    def cancel_point(self) -> Awaitable[None]:
+        """Raise the cancellation now if the current task is already cancelled
+        (without yielding otherwise): `run` calls it before it accepts."""
+        ...
+
     def checkpoint(self) -> Awaitable[None]:
         """Yield to the loop once; raise if cancelled."""
         ...

@@ -156,6 +156,16 @@ class AsyncioBackend:
     def new_event(self) -> AsyncioEvent:
         return AsyncioEvent(self._loop)
 
+    async def cancel_point(self) -> None:
+        # A cancellation already requested of this task (native, or delivered
+        # by an anyio scope) is raised before anything is accepted. An anyio
+        # scope that the task cancelled itself and has not delivered yet is not
+        # seen here (that would cost a walk of its scopes per call).
+        if not PUBLIC_ONLY:
+            task = _current_task(self._loop)
+            if task is not None and task.cancelling():
+                await anyio.lowlevel.checkpoint()
+
     async def checkpoint(self) -> None:
         await anyio.lowlevel.checkpoint()
 

@@ -32,6 +32,7 @@ class TrioBackend:
     new_event = staticmethod(trio.Event)
     now = staticmethod(trio.current_time)
     checkpoint = staticmethod(trio.lowlevel.checkpoint)
+    cancel_point = staticmethod(trio.lowlevel.checkpoint_if_cancelled)
 
     def __repr__(self) -> str:
         return "<TrioBackend>"

@@ -128,7 +128,7 @@ def test_a_processor_used_by_a_later_event_loop_is_stopped(
 
 
 @pytest.mark.parametrize("call", ["run", "result of a done Pending", "flush", "aclose"])
-async def test_every_async_method_is_a_checkpoint(call: str) -> None:
+async def test_every_async_method_is_a_checkpoint(call: str, backend_name: str) -> None:
     async with keybatch.open_processor(min_duration=0.1) as processor:
         done = processor.submit("k", lambda r: 1)
         assert await done.result() == 1
@@ -147,4 +147,8 @@ async def test_every_async_method_is_a_checkpoint(call: str) -> None:
                     await done.result()
         stats = processor.statistics()
         assert (stats.operations_done, stats.pending_operations) == (1, 0)
-        assert stats.operations_withdrawn == (1 if call == "run" else 0)
+        # run() in a cancelled scope: refused before it accepts on trio; on
+        # asyncio an anyio scope's cancellation not yet delivered is seen at
+        # its first wait (accepted, then withdrawn)
+        accepted = call == "run" and backend_name != "trio"
+        assert stats.operations_withdrawn == (1 if accepted else 0)
