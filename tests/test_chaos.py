@@ -110,12 +110,6 @@ OPS: dict[str, tuple[Callable[..., Any], bool]] = {
     "double_last": (double_last, False),
 }
 
-# Core bugs still open (each has a strict-xfail test in test_chaos_regressions.py).
-# The machine still drives them, forgives exactly their signature, and labels the
-# runs that hit them ("known bug: ..."). Set to False once fixed.
-# Teardown during a Conflict replay's reload: the batch's callers get no outcome.
-KNOWN_BUG_REPLAY_RELOAD_TEARDOWN = False  # fixed in the engine (replay reload)
-
 # What a caller may get besides a value and its own cancellation.
 EXPECTED = (keybatch.KeybatchError, ValueError)
 
@@ -759,7 +753,6 @@ class Chaos:
     async def finish(self) -> None:
         for holder in self.sections:
             holder.release.set()
-        lost: set[int] = set()
         if self.processor is not None:
             self.stop_requested.set()
             self.driver.autojump(True)
@@ -767,24 +760,12 @@ class Chaos:
                 await self.closed.wait()
                 if self.busy:
                     await self.idle.wait()
-            lost = _lost_in_replay_reload(self.rec.events)
-            if timeout.cancel_called and lost and KNOWN_BUG_REPLAY_RELOAD_TEARDOWN:
-                # Their callers wait forever: end them, and forgive only them.
-                self.expect.seen.add("known bug: replay reload torn down")
-                for scope in list(self.callers):
-                    scope.cancel()
-                with anyio.move_on_after(3600) as timeout:
-                    await self.idle.wait()
             self.driver.autojump(False)
             assert not timeout.cancel_called, (
                 "stuck: the processor never closed or a caller never ended"
                 f" (closed={self.closed.is_set()}, callers={self.busy})"
             )
             await self.rec.collect()
-        if lost and KNOWN_BUG_REPLAY_RELOAD_TEARDOWN:
-            self.expect.seen.add("known bug: replay reload torn down")
-            self._check_forgiving(lost)
-            return
         self.rec.check(self.store.data, complete=True)
         self.check_now()
         assert self.rec.pending_unobserved() == 0
@@ -798,23 +779,6 @@ class Chaos:
             # The block never ends early without an exception (a swallowed
             # teardown), however the processor ended.
             assert self.owner_exit != "cut short", self.owner_exit
-        assert not self.driver.keybatch_tasks()
-
-    def _check_forgiving(self, lost: set[int]) -> None:
-        """The end checks, forgiving only the ops the open replay bug lost."""
-        assert self.processor is not None
-        try:
-            self.rec.check(self.store.data, complete=True)
-        except kt.HistoryViolation as exc:
-            allowed = {f"op {n} on key " for n in lost} | {f"op {n}: " for n in lost}
-            left = [
-                p for p in exc.problems if not any(p.startswith(a) for a in allowed)
-            ]
-            assert not left, left
-        stats = self.processor.statistics()
-        assert (stats.keys, stats.active_batches) == (0, 0), stats
-        assert stats.pending_operations <= len(lost), stats
-        assert stats.exclusive_sections == 0, stats
         assert not self.driver.keybatch_tasks()
 
     def labels(self) -> list[str]:
@@ -855,39 +819,6 @@ class _Noting:
     def cancel(self) -> None:
         self.seen.add(f"owner cancelled inside {self.operation}")
         self.scope.cancel()
-
-
-def _lost_in_replay_reload(events: list[kt.Event]) -> set[int]:
-    """Ops with no outcome whose batch was refused with Conflict and whose
-    reload for the replay was then cancelled: the open replay bug's signature."""
-    applied: dict[Hashable, list[int]] = {}
-    refused: dict[Hashable, list[int]] = {}
-    reloading: dict[Hashable, list[int]] = {}
-    found: set[int] = set()
-    cancelled = (trio.Cancelled, asyncio.CancelledError)
-    for e in events:
-        k = e.key
-        if e.kind == kt.LOADED:
-            applied[k] = []
-            reloading.pop(k, None)
-        elif e.kind == kt.APPLY and e.op is not None:
-            applied.setdefault(k, []).append(e.op)
-        elif e.kind == kt.SAVE_FAILED and isinstance(e.error, keybatch.Conflict):
-            refused[k] = applied.get(k, [])
-        elif e.kind == kt.SAVE_FAILED or e.kind == kt.SAVED:
-            refused.pop(k, None)
-        elif e.kind == kt.LOAD and k in refused:
-            reloading[k] = refused.pop(k)
-        elif e.kind == kt.LOAD_FAILED and k in reloading:
-            ops = reloading.pop(k)
-            if isinstance(e.error, cancelled):
-                found.update(ops)
-    answered = {  # ops that got a value or an error from the processor
-        e.op
-        for e in events
-        if e.kind == kt.OUTCOME and not isinstance(e.error, cancelled)
-    }
-    return found - answered
 
 
 def _phases(events: list[kt.Event]) -> set[str]:
@@ -1264,19 +1195,18 @@ def test_a_fatal_hook_kills_the_processor_and_every_call_ends(backend: str) -> N
 
 
 @pytest.mark.parametrize("backend", sorted(MACHINES))
-@pytest.mark.parametrize("wait", [True, False])
-def test_teardown_during_a_replays_reload(backend: str, wait: bool) -> None:
-    """The long run's find (test_chaos_regressions): the machine ends cleanly,
-    forgiving only that bug's lost ops while it is open."""
+@pytest.mark.parametrize("kind", ["cancel", "fatal"])
+def test_teardown_during_a_replays_reload(backend: str, kind: str) -> None:
+    """The long run's find (fixed in 9b517ad; test_chaos_regressions): the owner
+    cancelled, or a BaseException raised, during a Conflict replay's reload."""
     machine = _machine(backend)
     try:
         _open(machine, min_duration=0.01, max_duration=0.03, versioned=True)
-        machine.inject("load", "c", "cancel", 2)  # the replay's reload
-        machine.submit("c", "append", 0, wait)
+        machine.inject("load", "c", kind, 2)  # the replay's reload
+        machine.submit("c", "append", 0, True)
         machine.advance(0.001)
         machine.external_write("c", 0)  # the save will conflict
         machine.history_is_valid()
     finally:
         machine.teardown()
-    hit = "known bug: replay reload torn down" in machine.chaos.labels()
-    assert hit == KNOWN_BUG_REPLAY_RELOAD_TEARDOWN
+    assert machine.chaos.owner_exit == ("fatal" if kind == "fatal" else "cancelled")

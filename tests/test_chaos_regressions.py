@@ -1,7 +1,8 @@
 """Core bugs found by the chaos machine (tests/test_chaos.py), one minimal test each.
 
-Each is marked ``xfail(strict=True)`` until the core is fixed: when a fix lands,
-the test passes, strict xfail turns that into a failure, and the mark must go.
+A new one is marked ``xfail(strict=True)`` while the core is broken: when a fix
+lands the test passes, strict xfail turns that into a failure, and the fix
+removes the mark. The test then stays here as the bug's regression test.
 """
 
 from __future__ import annotations
@@ -106,18 +107,27 @@ def _append(resource: list[int], x: int) -> int:
 
 
 @pytest.mark.anyio
-async def test_teardown_during_a_replays_reload_gives_every_caller_an_outcome() -> None:
+@pytest.mark.parametrize("ending", ["owner cancelled", "reload raises Fatal"])
+async def test_teardown_during_a_replays_reload_gives_every_caller_an_outcome(
+    ending: str,
+) -> None:
     store = kt.memory_store(lambda key: [], versioned=True)
     # The save finds that another writer saved first (Conflict): the batch
-    # loads again to replay, and the owner is cancelled during that reload.
+    # loads again to replay, and that reload is where the processor ends.
     store.inject("save", nth=1, external=lambda resource: [*resource, 100])
     with anyio.CancelScope() as scope:
-        store.inject("load", nth=2, cancel=scope)
-        async with keybatch.open_processor(
-            load=store.load, save=store.save, min_duration=0.01
-        ) as processor:
-            pending = processor.submit("k", _append, 1)
-            await anyio.sleep_forever()
+        if ending == "owner cancelled":
+            store.inject("load", nth=2, cancel=scope)
+        else:
+            store.inject("load", nth=2, error=Fatal)
+        try:
+            async with keybatch.open_processor(
+                load=store.load, save=store.save, min_duration=0.01
+            ) as processor:
+                pending = processor.submit("k", _append, 1)
+                await anyio.sleep_forever()
+        except Fatal:
+            assert ending == "reload raises Fatal"
     assert processor.statistics().pending_operations == 0
     assert pending.done()
     with pytest.raises(keybatch.KeybatchError):  # SaveError, say: not stored
