@@ -20,6 +20,7 @@ import asyncio
 import math
 import os
 import sys
+from collections.abc import Awaitable
 from typing import Any, final
 
 import anyio
@@ -136,13 +137,15 @@ class AsyncioEvent:
 
 @final
 class AsyncioBackend:
-    __slots__ = ("_loop", "_scope_class")
+    __slots__ = ("_loop", "_scope_class", "_done")
 
     name = "asyncio"
     cancelled = asyncio.CancelledError
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self._done.set_result(None)
         # anyio.CancelScope(...) looks the backend up on every call; the class it
         # returns, called directly, builds the same scope at about half the cost.
         self._scope_class: Any = type(anyio.CancelScope())
@@ -156,15 +159,19 @@ class AsyncioBackend:
     def new_event(self) -> AsyncioEvent:
         return AsyncioEvent(self._loop)
 
-    async def cancel_point(self) -> None:
-        # A cancellation already requested of this task (native, or delivered
-        # by an anyio scope) is raised before anything is accepted. An anyio
-        # scope that the task cancelled itself and has not delivered yet is not
-        # seen here (that would cost a walk of its scopes per call).
+    def cancel_point(self) -> Awaitable[None]:
+        """A cancellation already requested of this task (native, or delivered
+        by an anyio scope) is raised before anything is accepted. An anyio
+        scope that the task cancelled itself and has not delivered yet is not
+        seen here (that would cost a walk of its scopes per call).
+
+        Not a coroutine: the common case returns a finished future, which
+        awaits without a frame or a yield."""
         if not PUBLIC_ONLY:
             task = _current_task(self._loop)
             if task is not None and task.cancelling():
-                await anyio.lowlevel.checkpoint()
+                return anyio.lowlevel.checkpoint()
+        return self._done
 
     async def checkpoint(self) -> None:
         await anyio.lowlevel.checkpoint()
