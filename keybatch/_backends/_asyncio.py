@@ -11,7 +11,9 @@ first cancelled caller of a batch cancels the shared future and wakes the others
 once; they tell it was not aimed at them (`Task.cancelling()` is 0) and re-park,
 each on a future of its own, and the batch stays split. So a cancelled caller
 costs O(1), except the first one of a batch, which costs one wake-up of each of
-the batch's other callers. The fallback parks every caller on its own future.
+the batch's other sharers: at most `SHARED_MAX` (256) callers of a batch share its
+future, the rest park on their own, so that too is bounded by a constant. The
+fallback parks every caller on its own future.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ PUBLIC_ONLY = sys.version_info < (3, 11) or os.environ.get(
 
 _CancelledError = asyncio.CancelledError
 
+#: At most this many callers of a batch share its future; the rest park on their
+#: own. The first cancelled caller of a batch wakes the sharers once, so this
+#: bounds what one cancellation costs (a constant, not the batch's size).
+SHARED_MAX = 256
+
 if PUBLIC_ONLY:
 
     def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -70,7 +77,7 @@ else:
 class AsyncioEvent:
     """A batch's event on asyncio: a shared future, then private ones (above)."""
 
-    __slots__ = ("_loop", "_flag", "_shared", "_private", "_split")
+    __slots__ = ("_loop", "_flag", "_shared", "_private", "_split", "_sharing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -78,6 +85,7 @@ class AsyncioEvent:
         self._shared: asyncio.Future[None] | None = None
         self._private: set[asyncio.Future[None]] | None = None
         self._split = PUBLIC_ONLY  # every waiter on a private future
+        self._sharing = 0  # callers that parked on the shared future
 
     def __repr__(self) -> str:
         return f"<AsyncioEvent set={self._flag} split={self._split}>"
@@ -191,13 +199,19 @@ class AsyncioBackend:
         loop = event._loop
         task = _current_task(loop)
         while not event._flag:
-            private = event._split or task is None or task.cancelling() > 0
+            private = (
+                event._split
+                or event._sharing >= SHARED_MAX
+                or task is None
+                or task.cancelling() > 0
+            )
             if private:
                 future = event._park_private()
             else:
                 shared = event._shared
                 if shared is None:
                     shared = event._shared = loop.create_future()
+                event._sharing += 1
                 future = shared
             try:
                 await future
