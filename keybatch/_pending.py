@@ -10,7 +10,7 @@ from ._errors import LoadError, ProcessorStopped, SaveError
 from ._model import Batch, SlotState
 from ._util import NoPublicConstructor
 
-__all__ = ["Pending", "outcome_error"]
+__all__ = ["Pending", "deliver", "outcome_error"]
 
 T = TypeVar("T", covariant=True)
 
@@ -105,3 +105,21 @@ def outcome_error(slot: Pending[Any]) -> BaseException:
         return RuntimeError("keybatch: result read before the batch finished")
     error.__cause__ = cause
     return error
+
+
+def deliver(slot: Pending[Any]) -> Any:
+    """Return the value of a finished slot to its `run` caller, or raise its error.
+
+    The caller owns an operation's exception from here on: the slot lets go of
+    it, and this frame keeps no reference, so no cycle runs through either.
+    """
+    state = slot._state
+    if state is VALUE:
+        return slot._outcome
+    error = outcome_error(slot)
+    if state is RAISED:
+        slot._outcome = None
+    try:
+        raise error
+    finally:
+        del error, slot

@@ -29,14 +29,13 @@ import anyio
 import anyio.lowlevel
 
 from .._model import SlotState
-from .._pending import Pending, outcome_error
+from .._pending import Pending, deliver
 from . import foreign_loop_error
 
 __all__ = ["PUBLIC_ONLY", "AsyncioBackend", "AsyncioEvent", "running_loop"]
 
 QUEUED = SlotState.QUEUED
 VALUE = SlotState.VALUE
-RAISED = SlotState.RAISED
 
 #: Public asyncio API only: no Task.cancelling() (3.11+), no private attributes.
 PUBLIC_ONLY = sys.version_info < (3, 11) or os.environ.get(
@@ -250,16 +249,9 @@ class AsyncioBackend:
                     future._asyncio_future_blocking = False
                     raise foreign_loop_error() from exc
                 raise
-        state = slot._state
-        if state is VALUE:
+        if slot._state is VALUE:  # the common case, without a call
             return slot._outcome
-        error = outcome_error(slot)
-        if state is RAISED:
-            slot._outcome = None  # the caller owns it now: no cycle through us
-        try:
-            raise error
-        finally:
-            del error, slot, batch, event
+        return deliver(slot)
 
     async def wait_result(self, slot: Pending[Any]) -> None:
         event = slot._batch.event

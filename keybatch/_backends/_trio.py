@@ -12,7 +12,7 @@ from typing import Any, final
 import trio
 
 from .._model import SlotState
-from .._pending import Pending, outcome_error
+from .._pending import Pending, deliver
 from . import foreign_loop_error
 from ._asyncio import running_loop
 
@@ -20,7 +20,6 @@ __all__ = ["TrioBackend"]
 
 QUEUED = SlotState.QUEUED
 VALUE = SlotState.VALUE
-RAISED = SlotState.RAISED
 
 
 @final
@@ -60,16 +59,9 @@ class TrioBackend:
             if slot._state is QUEUED:  # never applied: withdraw it
                 batch.state.worker.engine.withdraw(slot)
             raise
-        state = slot._state
-        if state is VALUE:
+        if slot._state is VALUE:  # the common case, without a call
             return slot._outcome
-        error = outcome_error(slot)
-        if state is RAISED:
-            slot._outcome = None  # the caller owns it now: no cycle through us
-        try:
-            raise error
-        finally:
-            del error, slot, batch
+        return deliver(slot)
 
     async def wait_result(self, slot: Pending[Any]) -> None:
         if running_loop() is not None:
