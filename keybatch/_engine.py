@@ -188,19 +188,11 @@ class Engine:
         """Queue one operation on its key's tail batch (the hot path)."""
         st = worker.keys.get(key)
         if st is None:
-            st = KeyState(key, worker, self.clock() if self.timed else 0.0)
-            if self.options.on_batch is not None:
-                st.wall_start = time.time()
-            worker.keys[key] = st
-            self.counters.key_added()
-            batch = st.tail = Batch(st, self.new_event())
-            st.queue.append(batch)
+            st = self._add_key(worker, key)
+            batch = self._new_tail(st)
             worker.schedule(st)
         else:
-            batch = st.tail  # type: ignore[assignment]
-            if batch is None:
-                batch = st.tail = Batch(st, self.new_event())
-                st.queue.append(batch)
+            batch = st.tail or self._new_tail(st)
         slot: Pending[Any] = _new_slot(Pending)
         slot._op = op
         slot._args = args
@@ -220,6 +212,20 @@ class Engine:
             if st.phase is OPEN and st.queue[0] is batch:
                 worker.schedule(st)  # the open batch is full: close it now
         return slot
+
+    def _add_key(self, worker: Worker, key: Hashable) -> KeyState:
+        """A key gets state in its worker: it has work or a section now."""
+        st = KeyState(key, worker, 0.0)
+        self._restart(st)
+        worker.keys[key] = st
+        self.counters.key_added()
+        return st
+
+    def _new_tail(self, st: KeyState) -> Batch:
+        """A new batch at the end of the key's queue takes the next operations."""
+        batch = st.tail = Batch(st, self.new_event())
+        st.queue.append(batch)
+        return batch
 
     def withdraw(self, slot: Pending[Any]) -> None:
         """A cancelled caller takes back its operation, not applied yet."""
@@ -721,9 +727,7 @@ class Engine:
         for worker, key in keys:
             st = worker.keys.get(key)
             if st is None:
-                st = KeyState(key, worker, self.clock() if self.timed else 0.0)
-                worker.keys[key] = st
-                self.counters.key_added()
+                st = self._add_key(worker, key)
                 st.queue.append(section)
                 st.phase = HELD
                 section.states.append(st)

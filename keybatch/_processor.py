@@ -26,7 +26,7 @@ from ._model import KeyPhase, Options, Section, SlotState
 from ._pending import Pending
 from ._records import BatchReport, ProcessorStatistics
 from ._routing import _route
-from ._util import ASYNC_FLAGS, NoPublicConstructor, is_async_callable
+from ._util import ASYNC_FLAGS, NoPublicConstructor, is_async_callable, reraise
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -173,20 +173,29 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         waiter = Waiter(
             worker, key, op, args, kwargs, copy_context(), engine.new_event()
         )
+        return await self._wait_in_line(waiter, self._take_back)  # type: ignore[no-any-return]
+
+    def _take_back(self, slot: Pending[Any]) -> None:
+        if slot._state is SlotState.QUEUED:
+            self._engine.withdraw(slot)  # admitted, not applied: take it back
+
+    async def _wait_in_line(self, waiter: Waiter, undo: Callable[[Any], None]) -> Any:
+        """Wait in the admission queue until the engine admits `waiter`; return
+        what it admitted. Cancelled before that, it leaves the queue; after
+        that, `undo` takes back what was admitted."""
+        engine = self._engine
         engine.admission.push(waiter)
         try:
             await waiter.event.wait()
         except BaseException:
-            slot = waiter.slot
-            if slot is None:
-                if not waiter.refused:
-                    engine.admission.cancel(waiter)
-            elif slot._state is SlotState.QUEUED:
-                engine.withdraw(slot)  # admitted, not applied: take it back
+            if waiter.slot is not None:
+                undo(waiter.slot)
+            elif not waiter.refused:
+                engine.admission.cancel(waiter)
             raise
         if waiter.refused:
             raise ProcessorStopped("the processor is stopping")
-        return waiter.slot  # type: ignore[no-any-return]
+        return waiter.slot
 
     def submit(
         self,
@@ -338,18 +347,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         engine = self._engine
         waiter = Waiter(None, None, _noop, (), {}, copy_context(), engine.new_event())
         waiter.section = routed
-        engine.admission.push(waiter)
-        try:
-            await waiter.event.wait()
-        except BaseException:
-            if waiter.slot is not None:
-                engine.release_section(waiter.slot)
-            elif not waiter.refused:
-                engine.admission.cancel(waiter)
-            raise
-        if waiter.refused:
-            raise ProcessorStopped("the processor is stopping")
-        return waiter.slot  # type: ignore[no-any-return]
+        return await self._wait_in_line(waiter, engine.release_section)  # type: ignore[no-any-return]
 
     def statistics(self) -> ProcessorStatistics:
         """Return a snapshot of the processor's counters (a frozen record)."""
@@ -602,13 +600,8 @@ async def _open(options: Options) -> AsyncIterator[Processor[Any]]:
         single = _the_one_error(group, body_error, engine.backend.cancelled)
         if single is None:
             raise
-        context, suppress = single.__context__, single.__suppress_context__
-        try:
-            raise single
-        finally:
-            single.__context__ = context
-            single.__suppress_context__ = suppress
-            del single, body_error, group
+        del body_error, group
+        reraise(single)
 
 
 def _the_one_error(

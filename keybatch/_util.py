@@ -10,9 +10,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import typing
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["ASYNC_FLAGS", "NoPublicConstructor", "is_async_callable", "publish"]
+__all__ = [
+    "ASYNC_FLAGS",
+    "NoPublicConstructor",
+    "is_async_callable",
+    "publish",
+    "reraise",
+]
 
 ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
@@ -73,3 +79,18 @@ def _resolve_annotations(cls: type) -> None:
         hints = typing.get_type_hints(klass)
         with contextlib.suppress(AttributeError, TypeError):  # builtins
             klass.__annotations__ = {k: hints.get(k, v) for k, v in own.items()}
+
+
+def reraise(exc: BaseException) -> NoReturn:
+    """Raise `exc` again as it went in: its `__context__` and
+    `__suppress_context__` are kept (raising it inside an `except` block would
+    overwrite them). Used where an internal task group wrapped the user's own
+    exception in an exception group.
+    """
+    context, suppress = exc.__context__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        exc.__suppress_context__ = suppress
+        del exc

@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import anyio
 
+from keybatch._util import reraise
+
 from ._loader import Loader
 from ._signal import signal_factory
 
@@ -134,13 +136,8 @@ async def _open(
         if body_error is None or list(group.exceptions) != [body_error]:
             raise
         # The block's own exception comes out as it went in, not in a group.
-        context, suppress = body_error.__context__, body_error.__suppress_context__
-        try:
-            raise body_error from None
-        finally:
-            body_error.__context__ = context
-            body_error.__suppress_context__ = suppress
-            del body_error, group
+        del group
+        reraise(body_error)
     finally:
         loader._stop()
     if loader._fatal is not None:

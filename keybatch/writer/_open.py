@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import anyio
 
+from keybatch._util import reraise
+
 from ._records import FlushReport
 from ._retry import RetryPolicy, exponential_backoff, retry_transient
 from ._writer import Writer
@@ -221,13 +223,8 @@ async def _open(create: Callable[[], Writer[Any]]) -> AsyncIterator[Writer[Any]]
         if body_error is None or list(group.exceptions) != [body_error]:
             raise
         # The block's own exception comes out as it went in, not in a group.
-        context, suppress = body_error.__context__, body_error.__suppress_context__
-        try:
-            raise body_error from None
-        finally:
-            body_error.__context__ = context
-            body_error.__suppress_context__ = suppress
-            del body_error, group
+        del group
+        reraise(body_error)
     finally:
         writer._stop()
     if writer._fatal is not None:
