@@ -153,6 +153,8 @@ class Engine:
         "new_event",
         "clock",
         "timed",
+        "wake",
+        "sweep",
     )
 
     def __init__(self, options: Options, backend: Backend) -> None:
@@ -167,6 +169,8 @@ class Engine:
         self.new_event = backend.new_event
         self.clock = backend.now
         self.timed = options.timed
+        self.wake = backend.wake
+        self.sweep = backend.sweep
 
     def __repr__(self) -> str:
         return (
@@ -184,8 +188,12 @@ class Engine:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         ctx: Context,
+        waiter: Any,
     ) -> Pending[Any]:
-        """Queue one operation on its key's tail batch (the hot path)."""
+        """Queue one operation on its key's tail batch (the hot path).
+
+        `waiter` is what its `run` caller parks on (from the backend), or None
+        (`submit`, or a caller admitted from the queue that parks later)."""
         st = worker.keys.get(key)
         if st is None:
             st = self._add_key(worker, key)
@@ -201,6 +209,7 @@ class Engine:
         slot._state = QUEUED
         slot._outcome = None
         slot._batch = batch
+        slot._waiter = waiter
         slots = batch.slots
         slots.append(slot)
         batch.live += 1
@@ -223,7 +232,7 @@ class Engine:
 
     def _new_tail(self, st: KeyState) -> Batch:
         """A new batch at the end of the key's queue takes the next operations."""
-        batch = st.tail = Batch(st, self.new_event())
+        batch = st.tail = Batch(st)
         st.queue.append(batch)
         return batch
 
@@ -271,6 +280,7 @@ class Engine:
                 waiter.args,
                 waiter.kwargs,
                 waiter.ctx,
+                None,
             )
             waiter.event.set()
 
@@ -304,7 +314,7 @@ class Engine:
             failed = 0
             for entry in st.queue:
                 if type(entry) is Batch:
-                    n = _abort_batch(entry)
+                    n = self._abort_batch(entry)
                     failed += n
                     worker.queued -= n
                 else:
@@ -324,6 +334,38 @@ class Engine:
             st.start = self.clock()
             if self.options.on_batch is not None:
                 st.wall_start = time.time()
+
+    def _settle(self, batch: Batch) -> None:
+        """The batch finished: wake its parked callers, each with its outcome."""
+        batch.finished = True
+        slots = batch.slots
+        if slots:
+            self.wake(slots)
+            # Slots point at their batch; a finished batch lets go of its slots
+            # so neither forms a cycle: both are freed by refcounting.
+            slots.clear()
+        event = batch.event
+        if event is not None:
+            event.set()
+
+    def batch_event(self, batch: Batch) -> Any:
+        """The event set when `batch` finished, made on first use."""
+        event = batch.event
+        if event is None:
+            event = batch.event = self.new_event()
+            if batch.finished:
+                event.set()
+        return event
+
+    def _abort_batch(self, batch: Batch) -> int:
+        """Fail every queued slot of a batch that will never run."""
+        n = 0
+        for slot in batch.slots:
+            if slot._state is QUEUED:
+                slot._state = SlotState.ABORTED
+                n += 1
+        self._settle(batch)
+        return n
 
     def _drop(self, worker: Worker, st: KeyState) -> None:
         st.phase = GONE
@@ -442,8 +484,7 @@ class Engine:
             queue.popleft()
             if st.tail is head:
                 st.tail = None
-            head.finished = True  # type: ignore[union-attr]
-            head.event.set()  # flush() may wait on it
+            self._settle(head)  # type: ignore[arg-type]  # flush() may wait on it
         batch: Batch = head  # type: ignore[assignment]
         options = self.options
         st.phase = LOADING
@@ -488,21 +529,37 @@ class Engine:
         began = self.clock() if timed else 0.0
         backend = self.backend
         deadline = st.deadline
-        if deadline == math.inf:
-            st.resource, st.failure = await _guarded(load, (st.key,), backend)
-        else:
-            st.resource = st.failure = None
-            with backend.cancel_scope(deadline=deadline) as scope:
-                st.resource, st.failure = await _guarded(load, (st.key,), backend)
-            if scope.cancelled_caught and st.failure is None:
-                st.failure = _timeout(st.key, "load", self.options.max_duration)
+        st.resource = st.failure = None
+        # A failure is an Exception, or (asyncio) a CancelledError that was not
+        # aimed at the worker: something `load` awaited was cancelled by
+        # another task. The worker's own cancellation (teardown) and other
+        # BaseExceptions propagate.
+        try:
+            if deadline == math.inf:
+                st.resource = await load(st.key)
+            else:
+                with backend.cancel_scope(deadline=deadline) as scope:
+                    st.resource = await load(st.key)
+                if scope.cancelled_caught:
+                    st.failure = _timeout(st.key, "load", self.options.max_duration)
+        except Exception as exc:
+            st.failure = exc
+        except backend.cancelled as exc:
+            if backend.own_cancellation():
+                raise
+            st.failure = exc
         if timed:
             st.load_duration = self.clock() - began
 
     async def _close(self, worker: Worker, st: KeyState, reason: CloseReason) -> None:
         """Apply the batch in call order, save once (replaying on Conflict),
         deliver every outcome. Failures travel on `st.failure` (see `_load`)."""
-        batch: Batch = st.queue.popleft()  # type: ignore[assignment]
+        batch: Batch = st.queue[0]  # type: ignore[assignment]
+        if self.sweep is not None:
+            # asyncio: a caller cancelled while parked withdraws now, even if
+            # it has not run since its future was cancelled.
+            self.sweep(batch.slots, self.withdraw)
+        st.queue.popleft()
         if st.tail is batch:
             st.tail = None
         st.closing = batch
@@ -594,14 +651,21 @@ class Engine:
         deadline = st.deadline
         late = False
         worker.saving = True
+        st.failure = None
         try:
-            if deadline == math.inf:
-                _, st.failure = await _guarded(save, (st.key, resource), backend)
-            else:
-                st.failure = None
-                with backend.cancel_scope(deadline=deadline) as scope:
-                    _, st.failure = await _guarded(save, (st.key, resource), backend)
-                late = scope.cancelled_caught
+            try:
+                if deadline == math.inf:
+                    await save(st.key, resource)
+                else:
+                    with backend.cancel_scope(deadline=deadline) as scope:
+                        await save(st.key, resource)
+                    late = scope.cancelled_caught
+            except Exception as exc:
+                st.failure = exc  # a failure (see _load)
+            except backend.cancelled as exc:
+                if backend.own_cancellation():
+                    raise
+                st.failure = exc
         except BaseException as exc:
             batch = st.closing
             assert batch is not None
@@ -638,11 +702,7 @@ class Engine:
         replays: int,
     ) -> None:
         """Deliver the batch's outcomes, count, move the key on, report."""
-        batch.finished = True
-        batch.event.set()
-        # Slots point at their batch; a finished batch lets go of its slots so
-        # neither forms a cycle: both are freed by refcounting, not by the GC.
-        batch.slots.clear()
+        self._settle(batch)
         st.closing = None
         delivered = batch.live
         self.counters.batch_finished(
@@ -708,11 +768,11 @@ class Engine:
         for worker in self.workers:
             for st in worker.keys.values():
                 if st.closing is not None:
-                    events.append(st.closing.event)
+                    events.append(self.batch_event(st.closing))
                 for entry in st.queue:
                     if type(entry) is Batch:
                         entry.urgent = True
-                        events.append(entry.event)
+                        events.append(self.batch_event(entry))
                 if st.phase is OPEN:
                     worker.schedule(st)
         return events
@@ -790,19 +850,6 @@ def _fail_slots(batch: Batch, state: SlotState, to: SlotState, outcome: Any) -> 
             slot._outcome = outcome
 
 
-def _abort_batch(batch: Batch) -> int:
-    """Fail every queued slot of a batch that will never run."""
-    n = 0
-    for slot in batch.slots:
-        if slot._state is QUEUED:
-            slot._state = SlotState.ABORTED
-            n += 1
-    batch.finished = True
-    batch.event.set()
-    batch.slots.clear()
-    return n
-
-
 def _apply(slots: list[Pending[Any]], resource: Any, only: Any) -> tuple[int, int]:
     """Apply the slots in call order, each in its caller's context copy.
 
@@ -848,27 +895,6 @@ def _awaitable_returned(slot: Pending[Any], value: Any) -> TypeError:
         f"the operation on key {key!r} returned an awaitable"
         f" ({type(value).__name__}); operations must be plain functions"
     )
-
-
-async def _guarded(
-    fn: Callable[..., Any], args: tuple[Any, ...], backend: Backend
-) -> tuple[Any, BaseException | None]:
-    """Await `fn(*args)`; return (value, None) or (None, the failure).
-
-    A failure is an Exception, or (asyncio) a CancelledError that was not aimed
-    at the worker: something `fn` awaited was cancelled by another task. The
-    worker's own cancellation (a deadline, teardown) and other BaseExceptions
-    propagate. This small frame holds no engine state, so a failure's traceback
-    makes no cycle through the batch.
-    """
-    try:
-        return await fn(*args), None
-    except Exception as exc:
-        return None, exc
-    except backend.cancelled as exc:
-        if backend.own_cancellation():
-            raise
-        return None, exc
 
 
 def _call_hook(

@@ -194,32 +194,22 @@ class Counters:
 
 
 class Batch:
-    """The operations one batch takes, and the event their callers park on.
+    """The operations one batch takes, in call order.
 
-    `live` counts slots not withdrawn. On asyncio the callers share one future
-    until one of them is cancelled; from then on (`private`), each waits on its
-    own (see the asyncio backend).
+    `live` counts slots not withdrawn. Each `run` caller parks on its own slot
+    (see the backends); `event` is made only when something waits for the
+    whole batch (`flush`, `Pending.result`), and set when the batch finished.
     """
 
-    __slots__ = (
-        "state",
-        "slots",
-        "event",
-        "live",
-        "finished",
-        "urgent",
-        "private",
-        "withdrawn",
-    )
+    __slots__ = ("state", "slots", "event", "live", "finished", "urgent", "withdrawn")
 
-    def __init__(self, state: KeyState, event: Any) -> None:
+    def __init__(self, state: KeyState) -> None:
         self.state = state
         self.slots: list[Any] = []  # Pending objects, in call order
-        self.event = event
+        self.event: Any = None
         self.live = 0
         self.finished = False
         self.urgent = False  # flush() asked: close as soon as loaded
-        self.private: list[Any] | None = None  # asyncio: per-caller futures
         self.withdrawn = 0
 
     def __repr__(self) -> str:

@@ -27,7 +27,16 @@ class Pending(Generic[T], metaclass=NoPublicConstructor):
     Built by the processor, never directly.
     """
 
-    __slots__ = ("_op", "_args", "_kwargs", "_ctx", "_state", "_outcome", "_batch")
+    __slots__ = (
+        "_op",
+        "_args",
+        "_kwargs",
+        "_ctx",
+        "_state",
+        "_outcome",
+        "_batch",
+        "_waiter",
+    )
 
     _op: Callable[..., Any] | None
     _args: tuple[Any, ...]
@@ -36,6 +45,7 @@ class Pending(Generic[T], metaclass=NoPublicConstructor):
     _state: SlotState
     _outcome: Any
     _batch: Batch
+    _waiter: Any  # what the parked `run` caller waits on (backend's), or None
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"

@@ -23,7 +23,7 @@ from ._backends import current_backend
 from ._engine import Engine, EngineState, Worker
 from ._errors import KeyBusy, Overloaded, ProcessorStopped
 from ._model import KeyPhase, Options, Section, SlotState
-from ._pending import Pending
+from ._pending import Pending, deliver
 from ._records import BatchReport, ProcessorStatistics
 from ._routing import _route
 from ._util import ASYNC_FLAGS, NoPublicConstructor, is_async_callable, reraise
@@ -54,8 +54,9 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         "_max_pending",
         "_router",
         "_workers",
-        "_wait",
-        "_cancel_point",
+        "_waiter",
+        "_park",
+        "_unpark",
     )
 
     def __init__(self, engine: Engine) -> None:
@@ -64,8 +65,10 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         self._max_pending = engine.options.max_pending
         self._router = engine.options.router
         self._workers = engine.workers
-        self._wait = engine.backend.wait
-        self._cancel_point = engine.backend.cancel_point
+        backend = engine.backend
+        self._waiter = backend.waiter
+        self._park = backend.park
+        self._unpark = backend.unpark
 
     def __repr__(self) -> str:
         engine = self._engine
@@ -150,30 +153,52 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         cancelling a wait for room enqueues nothing. This is always a checkpoint.
         """
         worker = self._prepare(key, op)
-        await self._cancel_point()  # already cancelled: accept nothing
         engine = self._engine
         limit = self._max_pending
         if limit is not None and (
             engine.counters.pending >= limit or engine.admission.waiting
         ):
-            slot = await self._wait_for_room(worker, key, op, args, kwargs)
-        else:
-            slot = engine.accept(worker, key, op, args, kwargs, copy_context())
-        return await self._wait(slot)  # type: ignore[no-any-return]
+            return await self._run_after_wait(worker, key, op, args, kwargs)  # type: ignore[no-any-return]
+        waiter = self._waiter()
+        if waiter is None:  # cancelled already: accept nothing
+            await engine.backend.checkpoint()  # raises, unless it was swallowed
+            waiter = self._waiter(False)
+        slot = engine.accept(worker, key, op, args, kwargs, copy_context(), waiter)
+        del waiter  # an error it will carry would reach this frame: no cycle
+        try:
+            return await self._park(slot)  # type: ignore[no-any-return]
+        except BaseException as exc:
+            self._unpark(slot, exc)  # withdraws it if it was not applied
+            raise
 
-    async def _wait_for_room(
+    async def _run_after_wait(
         self,
         worker: Worker,
         key: Hashable,
         op: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> Pending[Any]:
+    ) -> Any:
+        """`run` under `max_pending` with no room: wait in line, then park."""
         engine = self._engine
         waiter = Waiter(
             worker, key, op, args, kwargs, copy_context(), engine.new_event()
         )
-        return await self._wait_in_line(waiter, self._take_back)  # type: ignore[no-any-return]
+        slot: Pending[Any] = await self._wait_in_line(waiter, self._take_back)
+        if slot._batch.finished:  # it ran before this task did
+            return deliver(slot)
+        try:
+            slot._waiter = self._waiter()
+            if slot._waiter is None:  # cancelled meanwhile
+                await engine.backend.checkpoint()
+                slot._waiter = self._waiter(False)
+            if slot._batch.finished:
+                slot._waiter = None
+                return deliver(slot)
+            return await self._park(slot)
+        except BaseException as exc:
+            self._unpark(slot, exc)
+            raise
 
     def _take_back(self, slot: Pending[Any]) -> None:
         if slot._state is SlotState.QUEUED:
@@ -230,7 +255,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
                     else ""
                 )
             )
-        return engine.accept(worker, key, op, args, kwargs, copy_context())
+        return engine.accept(worker, key, op, args, kwargs, copy_context(), None)
 
     async def flush(self) -> None:
         """Close every batch now and wait for the operations accepted so far.

@@ -4,21 +4,18 @@ Every use of a private asyncio detail in keybatch lives here, gated by Python
 version, with a public-API fallback. Set `KEYBATCH_ASYNCIO_PUBLIC_ONLY=1` to force
 the fallback (CI runs the suite once that way); Python 3.10 always uses it.
 
-How callers park. The callers of one batch share one future while none of them
-is cancelled, as a hand-written batcher would: the batch's end wakes them all
-with one `set_result`. Cancelling a task cancels the future it awaits, so the
-first cancelled caller of a batch cancels the shared future and wakes the others
-once; they tell it was not aimed at them (`Task.cancelling()` is 0) and re-park,
-each on a future of its own, and the batch stays split. So a cancelled caller
-costs O(1), except the first one of a batch, which costs one wake-up of each of
-the batch's other sharers: at most `SHARED_MAX` (256) callers of a batch share its
-future, the rest park on their own, so that too is bounded by a constant. The
-fallback parks every caller on its own future.
+How callers park. Each caller of `run` awaits a future of its own, which the
+worker resolves with that caller's outcome (a value, or an error made for it).
+Cancelling a caller cancels only its own future, so a cancellation costs O(1)
+whatever the batch's size. A future found cancelled when its batch closes is
+withdrawn there and then, even if its caller has not run since: a cancellation
+requested before the batch closed never lets the operation apply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import sys
@@ -29,25 +26,21 @@ import anyio
 import anyio.lowlevel
 
 from .._model import SlotState
-from .._pending import Pending, deliver
+from .._pending import Pending, outcome_error
+from .._util import reraise
 from . import foreign_loop_error
 
 __all__ = ["PUBLIC_ONLY", "AsyncioBackend", "AsyncioEvent", "running_loop"]
 
 QUEUED = SlotState.QUEUED
 VALUE = SlotState.VALUE
+RAISED = SlotState.RAISED
 
 #: Public asyncio API only: no Task.cancelling() (3.11+), no private attributes.
 PUBLIC_ONLY = sys.version_info < (3, 11) or os.environ.get(
     "KEYBATCH_ASYNCIO_PUBLIC_ONLY", ""
 ) not in ("", "0")
 
-_CancelledError = asyncio.CancelledError
-
-#: At most this many callers of a batch share its future; the rest park on their
-#: own. The first cancelled caller of a batch wakes the sharers once, so this
-#: bounds what one cancellation costs (a constant, not the batch's size).
-SHARED_MAX = 256
 
 if PUBLIC_ONLY:
 
@@ -74,20 +67,17 @@ else:
 
 @final
 class AsyncioEvent:
-    """A batch's event on asyncio: a shared future, then private ones (above)."""
+    """A one-shot event on asyncio: each waiter parks on a future of its own."""
 
-    __slots__ = ("_loop", "_flag", "_shared", "_private", "_split", "_sharing")
+    __slots__ = ("_loop", "_flag", "_waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._flag = False
-        self._shared: asyncio.Future[None] | None = None
-        self._private: set[asyncio.Future[None]] | None = None
-        self._split = PUBLIC_ONLY  # every waiter on a private future
-        self._sharing = 0  # callers that parked on the shared future
+        self._waiters: set[asyncio.Future[None]] | None = None
 
     def __repr__(self) -> str:
-        return f"<AsyncioEvent set={self._flag} split={self._split}>"
+        return f"<AsyncioEvent set={self._flag}>"
 
     def is_set(self) -> bool:
         return self._flag
@@ -96,55 +86,65 @@ class AsyncioEvent:
         if self._flag:
             return
         self._flag = True
-        shared = self._shared
-        if shared is not None and not shared.done():
-            shared.set_result(None)
-        private = self._private
-        if private:
-            for future in private:
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for future in waiters:
                 if not future.done():
                     future.set_result(None)
-            self._private = None
-
-    def _park_private(self) -> asyncio.Future[None]:
-        future = self._loop.create_future()
-        if self._private is None:
-            self._private = {future}
-        else:
-            self._private.add(future)
-        return future
 
     async def wait(self) -> bool:
-        """Wait on a private future until set (the engine's own waits).
+        """Wait until set.
 
         Cancellation: raised here; the event is unaffected. Like asyncio.Event,
         returns at once, without yielding, when the event is set already.
         """
         if self._flag:
             return True
-        future = self._park_private()
+        future = self._loop.create_future()
+        if self._waiters is None:
+            self._waiters = {future}
+        else:
+            self._waiters.add(future)
         try:
             await future
         except BaseException as exc:
-            if (
-                not PUBLIC_ONLY
-                and not future.done()
-                and future._asyncio_future_blocking
-            ):
-                # Awaited by another event loop (trio.run() inside an asyncio
-                # task): that loop refused the future.
-                future._asyncio_future_blocking = False
+            if _refused_by_foreign_loop(future):
                 raise foreign_loop_error() from exc
             raise
         finally:
-            if self._private is not None:
-                self._private.discard(future)
+            if self._waiters is not None:
+                self._waiters.discard(future)
         return True
+
+
+def _refused_by_foreign_loop(future: asyncio.Future[Any]) -> bool:
+    """Whether `future` was awaited by another event loop (trio.run() inside an
+    asyncio task), which refused it; unblocks it for the others."""
+    if not PUBLIC_ONLY and not future.done() and future._asyncio_future_blocking:
+        future._asyncio_future_blocking = False
+        return True
+    return False
+
+
+def _future_factory(loop: asyncio.AbstractEventLoop) -> Any:
+    """`loop.create_future`, or the same without its Python frame when the
+    loop does not override it (asyncio's own loops)."""
+    if type(loop).create_future is asyncio.BaseEventLoop.create_future:
+        return functools.partial(asyncio.Future, loop=loop)
+    return loop.create_future
+
+
+class _Handoff(Exception):
+    """Raised through a caller's future in place of an error that a future
+    cannot carry as it is: a BaseException that is not an Exception (the task
+    would treat it as its own), or StopIteration. `unpark` raises the real one,
+    kept on the slot, in the caller's frame."""
 
 
 @final
 class AsyncioBackend:
-    __slots__ = ("_loop", "_scope_class", "_done")
+    __slots__ = ("_loop", "_scope_class", "_done", "_new_future")
 
     name = "asyncio"
     cancelled = asyncio.CancelledError
@@ -153,6 +153,7 @@ class AsyncioBackend:
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._done.set_result(None)
+        self._new_future = _future_factory(self._loop)
         # anyio.CancelScope(...) looks the backend up on every call; the class it
         # returns, called directly, builds the same scope at about half the cost.
         self._scope_class: Any = type(anyio.CancelScope())
@@ -166,19 +167,69 @@ class AsyncioBackend:
     def new_event(self) -> AsyncioEvent:
         return AsyncioEvent(self._loop)
 
-    def cancel_point(self) -> Awaitable[None]:
-        """A cancellation already requested of this task (native, or delivered
-        by an anyio scope) is raised before anything is accepted. An anyio
-        scope that the task cancelled itself and has not delivered yet is not
-        seen here (that would cost a walk of its scopes per call).
-
-        Not a coroutine: the common case returns a finished future, which
-        awaits without a frame or a yield."""
-        if not PUBLIC_ONLY:
+    def waiter(self, check: bool = True) -> asyncio.Future[Any] | None:
+        """A future for the calling task to park on, or None if `check` and a
+        cancellation was already requested of it (native, or delivered by an anyio scope).
+        An anyio scope that the task cancelled itself and has not delivered yet
+        is not seen here (that would cost a walk of its scopes per call); its
+        cancellation reaches the future before the worker runs, as a rule, and
+        `wake` withdraws a slot whose future was cancelled."""
+        if check and not PUBLIC_ONLY:
             task = _current_task(self._loop)
             if task is not None and task.cancelling():
-                return anyio.lowlevel.checkpoint()
-        return self._done
+                return None
+        return self._new_future()
+
+    @staticmethod
+    def park(slot: Pending[Any]) -> Awaitable[Any]:
+        return slot._waiter  # type: ignore[no-any-return]
+
+    @staticmethod
+    def unpark(slot: Pending[Any], exc: BaseException) -> None:
+        future = slot._waiter
+        slot._waiter = None
+        if slot._state is QUEUED:  # never applied: withdraw it
+            slot._batch.state.worker.engine.withdraw(slot)
+        elif type(exc) is _Handoff:
+            error, slot._outcome = slot._outcome, None
+            try:
+                reraise(error)
+            finally:
+                del error
+        if future is not None and _refused_by_foreign_loop(future):
+            raise foreign_loop_error()
+
+    @staticmethod
+    def sweep(slots: list[Pending[Any]], withdraw: Any) -> None:
+        """Withdraw the queued slots whose caller was cancelled (its future
+        was), before the batch applies them."""
+        for slot in slots:
+            future = slot._waiter
+            if future is not None and slot._state is QUEUED and future.cancelled():
+                withdraw(slot)
+
+    @staticmethod
+    def wake(slots: list[Pending[Any]]) -> None:
+        """Give each parked caller of a finished batch its own outcome."""
+        for slot in slots:
+            future = slot._waiter
+            if future is None:
+                continue
+            slot._waiter = None
+            if future.done():  # cancelled: the caller is gone
+                continue
+            if slot._state is VALUE:
+                future.set_result(slot._outcome)
+                continue
+            error = outcome_error(slot)
+            if isinstance(error, Exception) and not isinstance(error, StopIteration):
+                if slot._state is RAISED:
+                    slot._outcome = None  # the caller owns it from here on
+                future.set_exception(error)
+            else:
+                slot._outcome = error  # unpark raises it in the caller's frame
+                future.set_exception(_Handoff())
+            del error
 
     async def checkpoint(self) -> None:
         await anyio.lowlevel.checkpoint()
@@ -192,69 +243,9 @@ class AsyncioBackend:
         task = _current_task(self._loop)
         return task is None or task.cancelling() > 0
 
-    async def wait(self, slot: Pending[Any]) -> Any:
-        batch = slot._batch
-        event: AsyncioEvent = batch.event
-        loop = event._loop
-        task = _current_task(loop)
-        while not event._flag:
-            private = (
-                event._split
-                or event._sharing >= SHARED_MAX
-                or task is None
-                or task.cancelling() > 0
-            )
-            if private:
-                future = event._park_private()
-            else:
-                shared = event._shared
-                if shared is None:
-                    shared = event._shared = loop.create_future()
-                event._sharing += 1
-                future = shared
-            try:
-                await future
-            except _CancelledError:
-                if (
-                    not private
-                    and task is not None
-                    and not task.cancelling()
-                    and future.cancelled()
-                ):
-                    # Another caller's cancellation cancelled the shared future:
-                    # from now on each caller of this batch parks on its own.
-                    event._split = True
-                    event._shared = None
-                    continue
-                if private and event._private is not None:
-                    event._private.discard(future)
-                elif future.cancelled():
-                    event._split = True  # ours cancelled the shared future
-                    event._shared = None
-                if slot._state is QUEUED:  # never applied: withdraw it
-                    batch.state.worker.engine.withdraw(slot)
-                raise
-            except BaseException as exc:
-                if slot._state is QUEUED:
-                    batch.state.worker.engine.withdraw(slot)
-                if private and event._private is not None:
-                    event._private.discard(future)
-                if (
-                    not PUBLIC_ONLY
-                    and not future.done()
-                    and future._asyncio_future_blocking
-                ):
-                    # Awaited by another event loop (trio.run() inside an asyncio
-                    # task): unblock the future for the batch's other callers.
-                    future._asyncio_future_blocking = False
-                    raise foreign_loop_error() from exc
-                raise
-        if slot._state is VALUE:  # the common case, without a call
-            return slot._outcome
-        return deliver(slot)
-
     async def wait_result(self, slot: Pending[Any]) -> None:
-        event = slot._batch.event
+        batch = slot._batch
+        event = batch.state.worker.engine.batch_event(batch)
         if event._flag:
             await anyio.lowlevel.checkpoint()
         else:
