@@ -14,7 +14,16 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import copy_context
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, final, overload
+from typing import (
+    Any,
+    Concatenate,
+    Generic,
+    NoReturn,
+    ParamSpec,
+    TypeVar,
+    final,
+    overload,
+)
 
 import anyio
 
@@ -54,6 +63,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         "_max_pending",
         "_router",
         "_workers",
+        "_nworkers",
         "_waiter",
         "_park",
         "_unpark",
@@ -65,6 +75,7 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         self._max_pending = engine.options.max_pending
         self._router = engine.options.router
         self._workers = engine.workers
+        self._nworkers = len(engine.workers)
         backend = engine.backend
         self._waiter = backend.waiter
         self._park = backend.park
@@ -78,31 +89,32 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         )
 
     def _prepare(self, key: Hashable, op: Callable[..., Any]) -> Worker:
-        """Refuse a call that cannot be accepted; return the key's worker."""
+        """Refuse a call that cannot be accepted; return the key's worker.
+        (`run` does the same inline: it is the hot path.)"""
+        if self._engine.state is not RUNNING or _get_ident() != self._thread:
+            self._refuse()
+        try:
+            if op.__code__.co_flags & ASYNC_FLAGS:
+                _refuse_op(op)
+        except AttributeError:  # not a plain function: a partial, a callable object
+            _check_odd_op(op)
+        if self._router is None:
+            return self._workers[_route(key, self._nworkers)]
+        return self._routed(key)
+
+    def _refuse(self) -> NoReturn:
         if self._engine.state is not RUNNING:
             raise ProcessorStopped("the processor is stopping")
-        if _get_ident() != self._thread:
-            raise RuntimeError(
-                "keybatch: a Processor must be used from the thread of the event"
-                " loop that opened it; from another thread, use"
-                " trio.from_thread.run / anyio.from_thread.run"
-            )
-        try:
-            is_async = op.__code__.co_flags & ASYNC_FLAGS
-        except AttributeError:  # not a plain function: a partial, a callable object
-            is_async = not callable(op) or is_async_callable(op)
-        if is_async:
-            if not callable(op):
-                raise TypeError(f"op must be callable, got {type(op).__name__}")
-            raise TypeError(
-                f"op must be a plain function, got async {op!r}; do the I/O in"
-                " load/save and keep operations synchronous"
-            )
+        raise RuntimeError(
+            "keybatch: a Processor must be used from the thread of the event"
+            " loop that opened it; from another thread, use"
+            " trio.from_thread.run / anyio.from_thread.run"
+        )
+
+    def _routed(self, key: Hashable) -> Worker:
+        """The worker that `worker_for_key` picks, checked."""
         workers = self._workers
-        router = self._router
-        if router is None:
-            return workers[_route(key, len(workers))]
-        index = router(key, len(workers))
+        index = self._router(key, len(workers))  # type: ignore[misc]
         if type(index) is not int or not 0 <= index < len(workers):
             raise ValueError(
                 f"worker_for_key returned {index!r} for key {key!r};"
@@ -152,8 +164,19 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
         saved with its batch; only the result is lost. With `max_pending`,
         cancelling a wait for room enqueues nothing. This is always a checkpoint.
         """
-        worker = self._prepare(key, op)
+        # _prepare, inline
         engine = self._engine
+        if engine.state is not RUNNING or _get_ident() != self._thread:
+            self._refuse()
+        try:
+            if op.__code__.co_flags & ASYNC_FLAGS:
+                _refuse_op(op)
+        except AttributeError:
+            _check_odd_op(op)
+        if self._router is None:
+            worker = self._workers[_route(key, self._nworkers)]
+        else:
+            worker = self._routed(key)
         limit = self._max_pending
         if limit is not None and (
             engine.counters.pending >= limit or engine.admission.waiting
@@ -414,6 +437,21 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
 
 def _noop(resource: object) -> None:
     return None
+
+
+def _refuse_op(op: Callable[..., Any]) -> NoReturn:
+    raise TypeError(
+        f"op must be a plain function, got async {op!r}; do the I/O in"
+        " load/save and keep operations synchronous"
+    )
+
+
+def _check_odd_op(op: object) -> None:
+    """An op that is not a plain function: a partial, a callable object."""
+    if not callable(op):
+        raise TypeError(f"op must be callable, got {type(op).__name__}")
+    if is_async_callable(op):
+        _refuse_op(op)
 
 
 @overload
