@@ -204,7 +204,7 @@ class Engine:
         slot: Pending[Any] = _new_slot(Pending)
         slot._op = op
         slot._args = args
-        slot._kwargs = kwargs
+        slot._kwargs = kwargs if args or kwargs else None
         slot._ctx = ctx
         slot._state = QUEUED
         slot._outcome = None
@@ -241,7 +241,7 @@ class Engine:
         slot._state = SlotState.WITHDRAWN
         slot._op = None
         slot._args = ()
-        slot._kwargs = {}
+        slot._kwargs = None
         slot._ctx = None
         batch = slot._batch
         batch.live -= 1
@@ -868,7 +868,10 @@ def _apply(slots: list[Pending[Any]], resource: Any, only: Any) -> tuple[int, in
         elif state is not QUEUED:
             continue
         try:
-            value = slot._ctx.run(slot._op, resource, *slot._args, **slot._kwargs)
+            if slot._kwargs is None:  # no arguments: a cheaper call
+                value = slot._ctx.run(slot._op, resource)
+            else:
+                value = slot._ctx.run(slot._op, resource, *slot._args, **slot._kwargs)
         except BaseException as exc:
             slot._outcome = exc
             slot._state = RAISED

@@ -40,7 +40,7 @@ class Pending(Generic[T], metaclass=NoPublicConstructor):
 
     _op: Callable[..., Any] | None
     _args: tuple[Any, ...]
-    _kwargs: dict[str, Any]
+    _kwargs: dict[str, Any] | None  # None: no arguments beyond the resource
     _ctx: Context | None
     _state: SlotState
     _outcome: Any

@@ -58,8 +58,10 @@ def _cancelled_already(task: Any) -> bool:
     coroutine that `checkpoint_if_cancelled` costs). Falls back to False if
     trio's internals moved: parking then still delivers the cancellation
     before the operation can be applied (see the module docstring)."""
-    status = getattr(task, "_cancel_status", None)
-    return bool(getattr(status, "effectively_cancelled", False))
+    try:
+        return task._cancel_status.effectively_cancelled  # type: ignore[no-any-return]
+    except AttributeError:  # pragma: no cover - trio changed
+        return False
 
 
 @final
