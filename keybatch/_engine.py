@@ -155,6 +155,8 @@ class Engine:
         "timed",
         "wake",
         "sweep",
+        "debug",
+        "close_at_once",
     )
 
     def __init__(self, options: Options, backend: Backend) -> None:
@@ -171,6 +173,9 @@ class Engine:
         self.timed = options.timed
         self.wake = backend.wake
         self.sweep = backend.sweep
+        self.debug = logger.isEnabledFor(_DEBUG)
+        # A loaded batch closes at once unless a window or max_ops says otherwise.
+        self.close_at_once = options.min_duration == 0 and options.max_ops is None
 
     def __repr__(self) -> str:
         return (
@@ -225,7 +230,8 @@ class Engine:
     def _add_key(self, worker: Worker, key: Hashable) -> KeyState:
         """A key gets state in its worker: it has work or a section now."""
         st = KeyState(key, worker, 0.0)
-        self._restart(st)
+        if self.timed:
+            self._restart(st)
         worker.keys[key] = st
         self.counters.key_added()
         return st
@@ -438,6 +444,9 @@ class Engine:
                 return
             since_yield = 0
             await self._sleep(worker, timers[0][0] if timers else math.inf)
+            # One look per wake-up, not one per batch (logging.Logger caches
+            # levels, but the call still costs as much as a small batch step).
+            self.debug = logger.isEnabledFor(_DEBUG)
 
     async def _sleep(self, worker: Worker, deadline: float) -> None:
         wakeup = worker.wakeup = self.new_event()
@@ -504,9 +513,12 @@ class Engine:
             self._finish(worker, st, batch, None, 0, None, st.failure, None, 0)
             st.failure = None
             return
-        reason = self._close_reason(st)
-        if reason is None and options.min_duration == 0:
-            reason = CloseReason.WINDOW
+        if self.close_at_once and self.state is RUNNING and not batch.urgent:
+            reason: CloseReason | None = CloseReason.WINDOW  # no window to keep open
+        else:
+            reason = self._close_reason(st)
+            if reason is None and options.min_duration == 0:
+                reason = CloseReason.WINDOW
         if reason is not None:
             await self._close(worker, st, reason)
         else:
@@ -715,11 +727,12 @@ class Engine:
         if st.phase is not GONE:
             if st.queue:
                 st.phase = NEW
-                self._restart(st)
+                if self.timed:
+                    self._restart(st)
                 worker.schedule(st)
             else:
                 self._drop(worker, st)
-        if logger.isEnabledFor(_DEBUG):
+        if self.debug:
             logger.debug(
                 "batch of key %r: %d ops, close=%s, load_failed=%s, save_failed=%s",
                 st.key,
