@@ -169,11 +169,11 @@ class AsyncioBackend:
 
     def waiter(self, check: bool = True) -> asyncio.Future[Any] | None:
         """A future for the calling task to park on, or None if `check` and a
-        cancellation was already requested of it (native, or delivered by an anyio scope).
-        An anyio scope that the task cancelled itself and has not delivered yet
-        is not seen here (that would cost a walk of its scopes per call); its
-        cancellation reaches the future before the worker runs, as a rule, and
-        `wake` withdraws a slot whose future was cancelled."""
+        cancellation was already requested of it (native, or delivered by an
+        anyio scope). An anyio scope that the task cancelled itself and has not
+        delivered yet is not seen here (that would cost a walk of its scopes
+        per call); its cancellation reaches the future before the worker runs,
+        as a rule, and `sweep` withdraws a slot whose future was cancelled."""
         if check and not PUBLIC_ONLY:
             task = _current_task(self._loop)
             if task is not None and task.cancelling():
