@@ -233,7 +233,6 @@ class Engine:
         if self.timed:
             self._restart(st)
         worker.keys[key] = st
-        self.counters.key_added()
         return st
 
     def _new_tail(self, st: KeyState) -> Batch:
@@ -377,7 +376,6 @@ class Engine:
         st.phase = GONE
         keys = worker.keys
         del keys[st.key]
-        self.counters.key_dropped()
         if not keys:
             # A dict never shrinks on deletion: after a burst of distinct keys
             # it would keep its large table for good. A fresh one gives it back.

@@ -97,7 +97,6 @@ class Counters:
 
     __slots__ = (
         "pending",
-        "keys",
         "active",
         "done",
         "batches",
@@ -111,7 +110,6 @@ class Counters:
 
     def __init__(self) -> None:
         self.pending = 0  # accepted, outcome not delivered
-        self.keys = 0  # keys holding state
         self.active = 0  # batches loading, open or saving
         self.done = 0  # outcomes delivered
         self.batches = 0
@@ -124,7 +122,7 @@ class Counters:
 
     def __repr__(self) -> str:
         return (
-            f"<Counters pending={self.pending} keys={self.keys} active={self.active}>"
+            f"<Counters pending={self.pending} active={self.active}>"
         )
 
     def accepted(self) -> None:
@@ -133,12 +131,6 @@ class Counters:
     def withdrawn_one(self) -> None:
         self.pending -= 1
         self.withdrawn += 1
-
-    def key_added(self) -> None:
-        self.keys += 1
-
-    def key_dropped(self) -> None:
-        self.keys -= 1
 
     def batch_started(self) -> None:
         self.active += 1
@@ -173,11 +165,13 @@ class Counters:
         self.sections -= 1
 
     def statistics(
-        self, workers: int, stopping: bool, max_worker_queue: int
+        self, workers: int, keys: int, stopping: bool, max_worker_queue: int
     ) -> ProcessorStatistics:
+        """The record; `keys` and `max_worker_queue` are read off the workers
+        (the keys each worker holds state for, and its queue), not counted."""
         return ProcessorStatistics(
             workers=workers,
-            keys=self.keys,
+            keys=keys,
             active_batches=self.active,
             pending_operations=self.pending,
             operations_done=self.done,

@@ -400,10 +400,12 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
     def statistics(self) -> ProcessorStatistics:
         """Return a snapshot of the processor's counters (a frozen record)."""
         engine = self._engine
+        workers = self._workers
         return engine.counters.statistics(
-            workers=len(self._workers),
+            workers=len(workers),
+            keys=sum(len(w.keys) for w in workers),
             stopping=engine.state is not RUNNING,
-            max_worker_queue=max(w.queued for w in self._workers),
+            max_worker_queue=max(w.queued for w in workers),
         )
 
     def _check_thread(self, what: str) -> None:
