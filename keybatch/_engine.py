@@ -426,8 +426,14 @@ class Engine:
                 st = ready.popleft()
                 st.in_ready = False
                 phase = st.phase
-                if phase is NEW:
-                    await self._start(worker, st)
+                if phase is NEW:  # start: reach a section, or load the batch
+                    batch = self._begin(worker, st)
+                    if batch is not None:
+                        await self._load(st)
+                        reason = self._loaded(worker, st, batch)
+                        batch = None  # the loop keeps no finished batch alive
+                        if reason is not None:
+                            await self._close(worker, st, reason)
                 elif phase is OPEN:
                     reason = self._close_reason(st)
                     if reason is not None:
@@ -473,18 +479,19 @@ class Engine:
 
     # -- one batch ---------------------------------------------------------
 
-    async def _start(self, worker: Worker, st: KeyState) -> None:
-        """Start the key's head of queue: reach a section, or load a batch."""
+    def _begin(self, worker: Worker, st: KeyState) -> Batch | None:
+        """The key's head of queue starts: a section is reached (None), an
+        empty queue drops the key (None), or its batch is loading (returned)."""
         queue = st.queue
         while True:
             if not queue:
                 self._drop(worker, st)
-                return
+                return None
             head = queue[0]
             if type(head) is Section:
                 st.phase = HELD
                 _reach(head, self.counters)
-                return
+                return None
             if head.live:  # type: ignore[union-attr]
                 break
             # Every caller of this batch withdrew: it never runs.
@@ -501,27 +508,32 @@ class Engine:
             max_duration = options.max_duration
             st.deadline = math.inf if max_duration is None else st.start + max_duration
             st.close_at = st.start + options.min_duration
-        await self._load(st)
+        return batch
+
+    def _loaded(
+        self, worker: Worker, st: KeyState, batch: Batch
+    ) -> CloseReason | None:
+        """The batch's load ended: on failure its callers get it (None);
+        otherwise why it closes now, or None with its window open."""
         if st.failure is not None:
-            queue.popleft()
+            st.queue.popleft()
             if st.tail is batch:
                 st.tail = None
             worker.queued -= batch.live
             _fail_slots(batch, QUEUED, SlotState.LOAD_FAILED, st.failure)
             self._finish(worker, st, batch, None, 0, None, st.failure, None, 0)
             st.failure = None
-            return
+            return None
         if self.close_at_once and self.state is RUNNING and not batch.urgent:
             reason: CloseReason | None = CloseReason.WINDOW  # no window to keep open
         else:
             reason = self._close_reason(st)
-            if reason is None and options.min_duration == 0:
+            if reason is None and self.options.min_duration == 0:
                 reason = CloseReason.WINDOW
-        if reason is not None:
-            await self._close(worker, st, reason)
-        else:
+        if reason is None:
             st.phase = OPEN
             heappush(worker.timers, (st.close_at, next(worker.seq), st, st.batch_no))
+        return reason
 
     async def _load(self, st: KeyState) -> None:
         """Load the key's resource into `st.resource`, or its failure into

@@ -10,7 +10,7 @@ imports trio.
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -55,19 +55,36 @@ class Backend(Protocol):
         """A cancel scope with an absolute deadline, optionally shielded."""
         ...
 
-    def cancel_point(self) -> Awaitable[None]:
-        """Raise the cancellation now if the current task is already cancelled
-        (without yielding otherwise): `run` calls it before it accepts."""
-        ...
-
     def checkpoint(self) -> Awaitable[None]:
         """Yield to the loop once; raise if cancelled."""
         ...
 
-    async def wait(self, slot: Any) -> Any:
-        """Park the caller of `slot` until its batch finished; return its value
-        or raise its error. On cancellation, withdraw the slot if it was not
-        applied yet, then re-raise. Detects a foreign event loop."""
+    def waiter(self, check: bool = ...) -> Any:
+        """What the calling task parks on (trio: the task; asyncio: a fresh
+        future), or None if `check` and the task is cancelled already: `run`
+        then checkpoints before it accepts anything."""
+        ...
+
+    def park(self, slot: Any) -> Awaitable[Any]:
+        """What `run` awaits for `slot` (whose `_waiter` is set): it returns the
+        operation's value or raises its error. Detects a foreign event loop."""
+        ...
+
+    def unpark(self, slot: Any, exc: BaseException) -> None:
+        """`run`'s wait raised `exc`: withdraw the slot if it was not applied
+        yet; raise instead what the slot's outcome or a foreign loop calls for."""
+        ...
+
+    def wake(self, slots: list[Any]) -> None:
+        """A batch finished: give each parked caller among `slots` its own
+        outcome (a value, or an error object made for it)."""
+        ...
+
+    @property
+    def sweep(self) -> Callable[[list[Any], Callable[[Any], None]], None] | None:
+        """Withdraws, before a batch applies them, the queued slots whose
+        caller was cancelled without having run since (asyncio), or None
+        (trio: its abort callback withdraws at once). `sweep(slots, withdraw)`."""
         ...
 
     async def wait_result(self, slot: Any) -> None:

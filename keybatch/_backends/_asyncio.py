@@ -19,7 +19,7 @@ import functools
 import math
 import os
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, final
 
 import anyio
@@ -178,7 +178,8 @@ class AsyncioBackend:
             task = _current_task(self._loop)
             if task is not None and task.cancelling():
                 return None
-        return self._new_future()
+        future: asyncio.Future[Any] = self._new_future()
+        return future
 
     @staticmethod
     def park(slot: Pending[Any]) -> Awaitable[Any]:
@@ -200,7 +201,7 @@ class AsyncioBackend:
             raise foreign_loop_error()
 
     @staticmethod
-    def sweep(slots: list[Pending[Any]], withdraw: Any) -> None:
+    def sweep(slots: list[Any], withdraw: Callable[[Any], None]) -> None:
         """Withdraw the queued slots whose caller was cancelled (its future
         was), before the batch applies them."""
         for slot in slots:

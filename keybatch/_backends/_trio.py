@@ -54,36 +54,6 @@ class _Resume:
 
 
 @final
-class _Resume:
-    """What a parked caller is rescheduled with: like an `outcome.Outcome`,
-    `wait_task_rescheduled` calls its `unwrap()`, which returns the slot's
-    value or raises its error in the caller's task. It costs a fifth of an
-    `outcome.Value`, and the error object is made for this caller only."""
-
-    __slots__ = ("slot",)
-
-    slot: Pending[Any]
-
-    def unwrap(self) -> Any:
-        slot = self.slot
-        if slot._state is VALUE:
-            return slot._outcome
-        del self.slot  # no cycle through the traceback of what is raised
-        return deliver(slot)
-
-
-def _cancelled_already(task: Any) -> bool:
-    """Whether `task` is in a cancelled scope (trio's own test, without the
-    coroutine that `checkpoint_if_cancelled` costs). Falls back to False if
-    trio's internals moved: parking then still delivers the cancellation
-    before the operation can be applied (see the module docstring)."""
-    try:
-        return task._cancel_status.effectively_cancelled  # type: ignore[no-any-return]
-    except AttributeError:  # pragma: no cover - trio changed
-        return False
-
-
-@final
 class TrioBackend:
     __slots__ = ()
 
