@@ -510,9 +510,7 @@ class Engine:
             st.close_at = st.start + options.min_duration
         return batch
 
-    def _loaded(
-        self, worker: Worker, st: KeyState, batch: Batch
-    ) -> CloseReason | None:
+    def _loaded(self, worker: Worker, st: KeyState, batch: Batch) -> CloseReason | None:
         """The batch's load ended: on failure its callers get it (None);
         otherwise why it closes now, or None with its window open."""
         if st.failure is not None:

@@ -121,9 +121,7 @@ class Counters:
         self.sections = 0  # exclusive sections holding their keys
 
     def __repr__(self) -> str:
-        return (
-            f"<Counters pending={self.pending} active={self.active}>"
-        )
+        return f"<Counters pending={self.pending} active={self.active}>"
 
     def accepted(self) -> None:
         self.pending += 1
