@@ -69,8 +69,6 @@ _YIELD_EVERY = 64
 # Return types that are never awaitable: skips a failing hasattr.
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, tuple, list, dict})
 _new_slot = object.__new__
-# What a save came to (the failure itself travels on the key state).
-_SAVED, _CONFLICT, _FAILED = "saved", "conflict", "failed"
 
 
 class EngineState(enum.Enum):
@@ -595,9 +593,51 @@ class Engine:
         timed = self.timed
         if applied and save is not None:
             began = self.clock() if timed else 0.0
+            backend = self.backend
             while True:
-                verdict = await self._save(st, resource, reason, began, failed, replays)
-                if verdict is not _CONFLICT:
+                # Save, shielded from teardown (the worker's own scope) and
+                # under the batch deadline (inline: one coroutine less per
+                # batch). It ends saved, or with a Conflict in st.failure (a
+                # replay), or with a SaveFailure in st.failure. A BaseException
+                # that is not a failure (a KeyboardInterrupt, a native
+                # cancellation on asyncio) reaches the batch's callers as a
+                # SaveError first, then propagates.
+                deadline = st.deadline
+                late = False
+                worker.saving = True
+                st.failure = None
+                try:
+                    try:
+                        if deadline == math.inf:
+                            await save(st.key, resource)
+                        else:
+                            with backend.cancel_scope(deadline=deadline) as scope:
+                                await save(st.key, resource)
+                            late = scope.cancelled_caught
+                    except Exception as exc:
+                        st.failure = exc  # a failure (see _load)
+                    except backend.cancelled as exc:
+                        if backend.own_cancellation():
+                            raise
+                        st.failure = exc
+                except BaseException as exc:
+                    st.failure = SaveFailure(exc, True)
+                    _fail_slots(batch, VALUE, SlotState.SAVE_FAILED, st.failure)
+                    self._finish(
+                        worker, st, batch, reason, failed,
+                        self.clock() - began if timed else None,
+                        None, st.failure, replays,
+                    )  # fmt: skip
+                    st.failure = None
+                    raise
+                finally:
+                    worker.saving = False
+                if st.failure is None:
+                    if not late:
+                        break  # saved
+                    st.failure = _timeout(st.key, "save", options.max_duration)
+                if not isinstance(st.failure, Conflict):
+                    st.failure = SaveFailure(st.failure, True)
                     break
                 self.counters.conflict()
                 if replays >= options.max_replays or self.state is ABORTING:
@@ -647,67 +687,6 @@ class Engine:
             replays,
         )  # fmt: skip
         st.failure = None
-
-    async def _save(
-        self,
-        st: KeyState,
-        resource: Any,
-        reason: CloseReason,
-        began: float,
-        failed: int,
-        replays: int,
-    ) -> object:
-        """Save, shielded from teardown and under the batch deadline.
-
-        Returns `_SAVED`, or `_CONFLICT` with the Conflict in `st.failure`, or
-        `_FAILED` with a SaveFailure in `st.failure`. A BaseException that is
-        not a failure (KeyboardInterrupt, a native cancellation on asyncio) is
-        delivered to the batch's callers as a SaveError first, then re-raised.
-        """
-        backend = self.backend
-        save = self.options.save
-        assert save is not None
-        worker = st.worker
-        deadline = st.deadline
-        late = False
-        worker.saving = True
-        st.failure = None
-        try:
-            try:
-                if deadline == math.inf:
-                    await save(st.key, resource)
-                else:
-                    with backend.cancel_scope(deadline=deadline) as scope:
-                        await save(st.key, resource)
-                    late = scope.cancelled_caught
-            except Exception as exc:
-                st.failure = exc  # a failure (see _load)
-            except backend.cancelled as exc:
-                if backend.own_cancellation():
-                    raise
-                st.failure = exc
-        except BaseException as exc:
-            batch = st.closing
-            assert batch is not None
-            st.failure = SaveFailure(exc, True)
-            _fail_slots(batch, VALUE, SlotState.SAVE_FAILED, st.failure)
-            self._finish(
-                worker, st, batch, reason, failed,
-                self.clock() - began if self.timed else None,
-                None, st.failure, replays,
-            )  # fmt: skip
-            st.failure = None
-            raise
-        finally:
-            worker.saving = False
-        if st.failure is None:
-            if not late:
-                return _SAVED
-            st.failure = _timeout(st.key, "save", self.options.max_duration)
-        elif isinstance(st.failure, Conflict):
-            return _CONFLICT
-        st.failure = SaveFailure(st.failure, True)
-        return _FAILED
 
     def _finish(
         self,
