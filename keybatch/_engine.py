@@ -198,9 +198,10 @@ class Engine:
         `waiter` is what its `run` caller parks on (from the backend), or None
         (`submit`, or a caller admitted from the queue that parks later)."""
         st = worker.keys.get(key)
-        if st is None:
+        if st is None:  # a new key: its first batch, and the worker has work
             st = self._add_key(worker, key)
-            batch = self._new_tail(st)
+            batch = st.tail = Batch(st)
+            st.queue.append(batch)
             worker.schedule(st)
         else:
             batch = st.tail or self._new_tail(st)
@@ -428,7 +429,15 @@ class Engine:
                     batch = self._begin(worker, st)
                     if batch is not None:
                         await self._load(st)
-                        reason = self._loaded(worker, st, batch)
+                        if (
+                            st.failure is None
+                            and self.close_at_once
+                            and self.state is RUNNING
+                            and not batch.urgent
+                        ):
+                            reason: CloseReason | None = CloseReason.WINDOW
+                        else:
+                            reason = self._loaded(worker, st, batch)
                         batch = None  # the loop keeps no finished batch alive
                         if reason is not None:
                             await self._close(worker, st, reason)
@@ -510,7 +519,8 @@ class Engine:
 
     def _loaded(self, worker: Worker, st: KeyState, batch: Batch) -> CloseReason | None:
         """The batch's load ended: on failure its callers get it (None);
-        otherwise why it closes now, or None with its window open."""
+        otherwise why it closes now, or None with its window open. (`_loop`
+        takes the common case, a batch with no window, without this call.)"""
         if st.failure is not None:
             st.queue.popleft()
             if st.tail is batch:
@@ -520,12 +530,9 @@ class Engine:
             self._finish(worker, st, batch, None, 0, None, st.failure, None, 0)
             st.failure = None
             return None
-        if self.close_at_once and self.state is RUNNING and not batch.urgent:
-            reason: CloseReason | None = CloseReason.WINDOW  # no window to keep open
-        else:
-            reason = self._close_reason(st)
-            if reason is None and self.options.min_duration == 0:
-                reason = CloseReason.WINDOW
+        reason = self._close_reason(st)
+        if reason is None and self.options.min_duration == 0:
+            reason = CloseReason.WINDOW
         if reason is None:
             st.phase = OPEN
             heappush(worker.timers, (st.close_at, next(worker.seq), st, st.batch_no))

@@ -11,6 +11,7 @@ not applied yet, in the same step, before any other task runs.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Awaitable
 from typing import Any, final
 
@@ -32,6 +33,20 @@ _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _reschedule = trio.lowlevel.reschedule
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 _new = object.__new__
+
+# trio.lowlevel.reschedule looks up the run's runner on every call.
+_RUN_CONTEXT: Any = getattr(
+    sys.modules.get("trio._core._run"), "GLOBAL_RUN_CONTEXT", None
+)
+
+
+def _runner_reschedule() -> Any:
+    """The running trio runner's `reschedule`, looked up once per batch rather
+    than once per caller; `trio.lowlevel.reschedule` if trio's internals moved."""
+    try:
+        return _RUN_CONTEXT.runner.reschedule
+    except AttributeError:  # pragma: no cover - trio changed
+        return _reschedule
 
 
 @final
@@ -116,6 +131,7 @@ class TrioBackend:
     @staticmethod
     def wake(slots: list[Pending[Any]]) -> None:
         """Give each parked caller of a finished batch its own outcome."""
+        reschedule = _runner_reschedule()
         for slot in slots:
             task = slot._waiter
             if task is None:
@@ -123,7 +139,7 @@ class TrioBackend:
             slot._waiter = None
             resume = _new(_Resume)
             resume.slot = slot
-            _reschedule(task, resume)  # type: ignore[arg-type]
+            reschedule(task, resume)
 
     async def wait_result(self, slot: Pending[Any]) -> None:
         if running_loop() is not None:
