@@ -502,7 +502,7 @@ class Engine:
             if head.live:  # type: ignore[union-attr]
                 break
             # Every caller of this batch withdrew: it never runs.
-            queue.popleft()
+            del queue[0]
             if st.tail is head:
                 st.tail = None
             self._settle(head)  # type: ignore[arg-type]  # flush() may wait on it
@@ -522,7 +522,7 @@ class Engine:
         otherwise why it closes now, or None with its window open. (`_loop`
         takes the common case, a batch with no window, without this call.)"""
         if st.failure is not None:
-            st.queue.popleft()
+            del st.queue[0]
             if st.tail is batch:
                 st.tail = None
             worker.queued -= batch.live
@@ -584,7 +584,7 @@ class Engine:
             # asyncio: a caller cancelled while parked withdraws now, even if
             # it has not run since its future was cancelled.
             self.sweep(batch.slots, self.withdraw)
-        st.queue.popleft()
+        del st.queue[0]
         if st.tail is batch:
             st.tail = None
         st.closing = batch

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -273,7 +272,9 @@ class KeyState:
     def __init__(self, key: Hashable, worker: Any, start: float) -> None:
         self.key = key
         self.worker = worker
-        self.queue: deque[Batch | Section] = deque()
+        # A list, not a deque: it holds one or two entries as a rule, and a
+        # deque's first block alone is over 500 bytes.
+        self.queue: list[Batch | Section] = []
         self.tail: Batch | None = None
         self.phase = KeyPhase.NEW
         self.start = start
