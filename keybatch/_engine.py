@@ -10,7 +10,8 @@ under the deadline `start + max_duration` -> the window stays open until
 `start + min_duration` (or `max_ops`, `flush`, stop) -> apply every queued
 operation in call order, each in a copy of its caller's context -> save,
 shielded, under the same deadline (on `Conflict`: load and apply again, up to
-`max_replays` times) -> give each slot its outcome, set the batch's event ->
+`max_replays` times) -> wake each parked caller with its own outcome (and set
+the batch's event, if `flush` or `Pending.result` made one) ->
 report -> the key's next batch, or drop the key.
 
 Ending, by any path: first stop admitting (new calls and callers waiting for

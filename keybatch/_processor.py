@@ -2,7 +2,8 @@
 
 A call is validated, routed to its worker, accepted by the engine (or queued for
 room under `max_pending`), and then its caller parks in the backend:
-`return await backend.wait(slot)`. Every state change happens in the engine.
+`return await backend.park(slot)`, where the worker hands it its own outcome.
+Every state change happens in the engine.
 """
 
 from __future__ import annotations

@@ -157,8 +157,8 @@ async def test_flush_returns_when_every_caller_of_a_batch_withdrew() -> None:
 
 # ------------------------------------------------- one caller of many cancelled
 #
-# On asyncio the callers of a batch park on one shared future, so each way of
-# cancelling a single task is checked: the others stay in the batch.
+# Each way of cancelling a single task is checked: the batch's other callers
+# stay in it, and get their own outcomes (each parks on its own waiter).
 
 
 async def _ten_callers_one_cancelled(cancel: Any) -> tuple[list[Any], Store, Any]:
