@@ -209,19 +209,18 @@ class Processor(Generic[R], metaclass=NoPublicConstructor):
             worker, key, op, args, kwargs, copy_context(), engine.new_event()
         )
         slot: Pending[Any] = await self._wait_in_line(waiter, self._take_back)
-        if slot._batch.finished:  # it ran before this task did
-            return deliver(slot)
         try:
-            slot._waiter = self._waiter()
-            if slot._waiter is None:  # cancelled meanwhile
-                await engine.backend.checkpoint()
-                slot._waiter = self._waiter(False)
-            if slot._batch.finished:
-                slot._waiter = None
+            parked = self._waiter()
+            if parked is None:  # cancelled since it was admitted
+                await engine.backend.checkpoint()  # raises, unless swallowed
+                parked = self._waiter(False)
+            if slot._batch.finished:  # it ran before this task did
                 return deliver(slot)
+            slot._waiter = parked
+            del parked  # see run: no cycle through an error it will carry
             return await self._park(slot)
         except BaseException as exc:
-            self._unpark(slot, exc)
+            self._unpark(slot, exc)  # withdraws it if it was not applied
             raise
 
     def _take_back(self, slot: Pending[Any]) -> None:

@@ -143,3 +143,29 @@ async def test_the_stop_refuses_callers_waiting_for_room() -> None:
     assert isinstance(outcome[0], keybatch.ProcessorStopped)
     stats = processor.statistics()
     assert (stats.operations_done, stats.pending_operations) == (1, 0)
+
+
+async def test_a_caller_cancelled_right_after_its_admission_withdraws() -> None:
+    """Admitted (room freed, its operation queued), then cancelled before it
+    ran again: the operation is withdrawn, never applied, and the room is free.
+    The hook runs right after the batch's end admitted the waiter."""
+    applied: list[str] = []
+    scope = anyio.CancelScope()
+
+    def cancel_the_waiter(report: keybatch.BatchReport) -> None:
+        if report.operations == 1 and "second" not in applied:
+            scope.cancel()
+
+    async with keybatch.open_processor(
+        max_pending=1, min_duration=1.0, on_batch=cancel_the_waiter
+    ) as processor:
+        processor.submit("k", lambda r: applied.append("first"))
+        with scope:
+            await processor.run("k", lambda r: applied.append("second"))
+        assert scope.cancelled_caught
+        assert now() == 1.0  # it waited for room until the first batch ended
+        await settle()
+        stats = processor.statistics()
+        assert (stats.pending_operations, stats.operations_withdrawn) == (0, 1)
+        await processor.run("k", lambda r: applied.append("third"))  # room again
+    assert applied == ["first", "third"]
