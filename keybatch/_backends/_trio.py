@@ -50,15 +50,27 @@ def _runner_reschedule() -> Any:
 
 
 @final
-class _Resume:
-    """What a parked caller is rescheduled with: like an `outcome.Outcome`,
-    `wait_task_rescheduled` calls its `unwrap()`, which returns the slot's
-    value or raises its error in the caller's task. It costs a fifth of an
-    `outcome.Value`, and the error object is made for this caller only."""
+class _Parked:
+    """A `run` caller parked in `wait_task_rescheduled`: its task, and its slot
+    once accepted. One object per call serves three ends: its bound `abort` is
+    the abort callback, and it is what the worker reschedules the task with:
+    like an `outcome.Outcome`, `wait_task_rescheduled` calls its `unwrap()`,
+    which returns the slot's value or raises the error made for this caller.
+    (An `outcome.Value` alone costs five times as much to build.)"""
 
-    __slots__ = ("slot",)
+    __slots__ = ("task", "slot")
 
+    task: Any
     slot: Pending[Any]
+
+    def abort(self, _: object) -> Any:
+        # Cancelled while parked: the worker must not reschedule it, and an
+        # operation not applied yet is withdrawn now.
+        slot = self.slot
+        slot._waiter = None
+        if slot._state is QUEUED:
+            slot._batch.state.worker.engine.withdraw(slot)
+        return _SUCCEEDED
 
     def unwrap(self) -> Any:
         slot = self.slot
@@ -93,8 +105,9 @@ class TrioBackend:
         return True  # trio's Cancelled is only ever raised at its own scopes
 
     @staticmethod
-    def waiter(check: bool = True) -> Any:
-        """The calling task, or None if `check` and it is cancelled already."""
+    def waiter(check: bool = True) -> _Parked | None:
+        """The calling task's parking record, or None if `check` and the task
+        is cancelled already."""
         task = _current_task()
         # trio's own test (what checkpoint_if_cancelled looks at), without the
         # coroutine that costs. If trio's internals moved, parking still
@@ -104,23 +117,18 @@ class TrioBackend:
                 return None
         except AttributeError:  # pragma: no cover - trio changed
             pass
-        return task
+        parked = _new(_Parked)
+        parked.task = task
+        return parked
 
     @staticmethod
     def park(slot: Pending[Any]) -> Awaitable[Any]:
         if running_loop() is not None:
             # asyncio.run() inside a trio task: parking would corrupt trio.
             raise foreign_loop_error()
-
-        def abort(_: object) -> Any:
-            # Cancelled while parked: the worker must not reschedule it, and an
-            # operation not applied yet is withdrawn now.
-            slot._waiter = None
-            if slot._state is QUEUED:
-                slot._batch.state.worker.engine.withdraw(slot)
-            return _SUCCEEDED
-
-        return _wait_task_rescheduled(abort)
+        parked: _Parked = slot._waiter
+        parked.slot = slot  # a cycle until woken or aborted (both clear _waiter)
+        return _wait_task_rescheduled(parked.abort)
 
     @staticmethod
     def unpark(slot: Pending[Any], exc: BaseException) -> None:
@@ -133,13 +141,11 @@ class TrioBackend:
         """Give each parked caller of a finished batch its own outcome."""
         reschedule = _runner_reschedule()
         for slot in slots:
-            task = slot._waiter
-            if task is None:
+            parked = slot._waiter
+            if parked is None:
                 continue
             slot._waiter = None
-            resume = _new(_Resume)
-            resume.slot = slot
-            reschedule(task, resume)
+            reschedule(parked.task, parked)
 
     async def wait_result(self, slot: Pending[Any]) -> None:
         if running_loop() is not None:
