@@ -5,8 +5,8 @@ What must any library whose API is ``await processor.run(key, op)`` (one
 above the floor (``benchmarks/floor.py``)? The workload is the floor's:
 ``callers`` long-lived tasks, caller ``i`` awaiting ``ops // callers`` operations
 one after the other on key ``i % keys``; load copies the key's dict out of an
-in-memory store, save puts it back; one sweeper task, no window. Each variant is a
-copy of the floor's algorithm with exactly one thing added to the one before:
+in-memory store, save puts it back; one sweeper task, no window. The variants add
+one thing at a time to the floor, each to the one before:
 
 - ``floor``: ``floor.trio_floor`` / ``floor.asyncio_floor`` as they are;
 - ``frame``: each operation goes through one ``async def run(key, op)`` coroutine
@@ -24,6 +24,18 @@ copy of the floor's algorithm with exactly one thing added to the one before:
   ``ctx.run(op, resource)`` in the sweeper);
 - ``keybatch``: the real thing, ``bench_overhead.keybatch_side`` (the public API,
   ``min_duration=0``, default workers).
+
+``frame``, ``result`` and ``semantics`` share the floor's algorithm, written once
+per event loop (``trio_bound``, ``asyncio_bound``: the callers, the sweeper, the
+timing and the lost-operation check), and differ in two pieces only: the
+per-call ``run(key, op)`` coroutine (``frame``, ``result``, ``semantics``: a
+factory each, closing over the key lists and wake-up objects) and the per-batch
+step that applies a batch to the resource and publishes the results
+(``apply_ops``, ``apply_records``, ``apply_in_context``). Per operation there is
+nothing but the variant's own ``run``: the caller awaits it directly. Per batch
+the sweeper makes one function call the floor does not make (the step): the same
+for the three variants, and per operation too where batches hold one operation
+(1000 callers x 1000 keys), so their ratios over the floor include it.
 
 The wake-up object is the floor's: a ``trio.Event`` per key and batch on trio, a
 future per key and batch on asyncio and uvloop. Every variant checks that no
@@ -51,7 +63,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import copy_context
-from typing import Any
+from typing import Any, Protocol
 
 import mmh3
 import trio
@@ -73,328 +85,232 @@ VARIANTS = ("floor", "frame", "result", "semantics", "keybatch")
 # Workers the `semantics` variant routes to (keybatch's default on two cores).
 WORKERS = 32
 
-Op = Callable[[dict[str, int]], int]
+Resource = dict[str, int]
+Op = Callable[[Resource], int]
+# A key's list of what waits for the next batch (ops or records), per key.
+Queued = dict[Any, list[Any]]
+# The per-call coroutine: ``await run(key, op)``.
+Run = Callable[[Any, Op], Awaitable[Any]]
+# Builds a variant's ``run`` over the key lists and wake-up objects; the flag is
+# True on trio (wait on a trio.Event), False on asyncio (await a future).
+MakeRun = Callable[[Queued, dict[Any, Any], bool], Run]
+# Applies a batch to the key's resource, publishing each op's result if any.
+Apply = Callable[[list[Any], Resource], None]
+# The keys of a cell, from their number: range (int keys) or str_keys.
+KeyNames = Callable[[int], Sequence[Any]]
 
 
-# ------------------------------------------------------------------------ trio
+class _Flag(Protocol):
+    def set(self) -> None: ...
 
 
-async def _trio_timed(
-    sweeper: Callable[[], Awaitable[None]],
-    caller: Callable[[int], Awaitable[None]],
+def str_keys(keys: int) -> list[str]:
+    """``keys`` str keys, ``k0``, ``k1``, ... (keybatch's router takes str)."""
+    return [f"k{k}" for k in range(keys)]
+
+
+# ------------------------------------------------- the variants' two pieces
+
+
+def frame(queued: Queued, wakers: dict[Any, Any], on_trio: bool) -> Run:
+    """``frame``'s run: append the op to its key's list, park on the key's wake-up."""
+    if on_trio:
+
+        async def run(key: int, op: Op) -> None:
+            queued[key].append(op)
+            await wakers[key].wait()
+
+    else:
+
+        async def run(key: int, op: Op) -> None:
+            queued[key].append(op)
+            await wakers[key]
+
+    return run
+
+
+def apply_ops(batch: list[Op], resource: Resource) -> None:
+    """``frame``'s step: the ops in order, their results dropped."""
+    for op in batch:
+        op(resource)
+
+
+def result(queued: Queued, wakers: dict[Any, Any], on_trio: bool) -> Run:
+    """``result``'s run: as ``frame``'s through a record ``[op, None]``, whose
+    second item it returns after the wake-up."""
+    if on_trio:
+
+        async def run(key: int, op: Op) -> Any:
+            record: list[Any] = [op, None]
+            queued[key].append(record)
+            await wakers[key].wait()
+            return record[1]
+
+    else:
+
+        async def run(key: int, op: Op) -> Any:
+            record: list[Any] = [op, None]
+            queued[key].append(record)
+            await wakers[key]
+            return record[1]
+
+    return run
+
+
+def apply_records(batch: list[list[Any]], resource: Resource) -> None:
+    """``result``'s step: each record's op, its result written into the record."""
+    for record in batch:
+        record[1] = record[0](resource)
+
+
+def semantics(queued: Queued, wakers: dict[Any, Any], on_trio: bool) -> Run:
+    """``semantics``'s run: as ``result``'s, the key routed with mmh3 to one of
+    ``WORKERS`` tables (all of them ``queued``), the record carrying a copy of the
+    caller's context."""
+    tables = (queued,) * WORKERS
+    if on_trio:
+
+        async def run(key: str, op: Op) -> Any:
+            record: list[Any] = [op, None, copy_context()]
+            tables[mmh3.hash(key.encode(), 0, False) % WORKERS][key].append(record)
+            await wakers[key].wait()
+            return record[1]
+
+    else:
+
+        async def run(key: str, op: Op) -> Any:
+            record: list[Any] = [op, None, copy_context()]
+            tables[mmh3.hash(key.encode(), 0, False) % WORKERS][key].append(record)
+            await wakers[key]
+            return record[1]
+
+    return run
+
+
+def apply_in_context(batch: list[list[Any]], resource: Resource) -> None:
+    """``semantics``'s step: as ``apply_records``, each op run in its context."""
+    for record in batch:
+        record[1] = record[2].run(record[0], resource)
+
+
+# variant: how its keys are named, its run factory, its per-batch step.
+PARTS: dict[str, tuple[KeyNames, MakeRun, Apply]] = {
+    "frame": (range, frame, apply_ops),
+    "result": (range, result, apply_records),
+    "semantics": (str_keys, semantics, apply_in_context),
+}
+
+
+# ------------------------------------------------------- the shared skeleton
+
+
+def _caller(
+    run: Run, names: Sequence[Any], callers: int, each: int, finished: _Flag
+) -> Callable[[int], Awaitable[None]]:
+    """The floor's caller, through ``run``: caller ``index`` awaits
+    ``run(key, bump)`` ``each`` times on its key; the last one to end sets
+    ``finished``."""
+    keys = len(names)
+    running = [callers]
+
+    async def caller(index: int) -> None:
+        key = names[index % keys]
+        for _ in range(each):
+            await run(key, bump)
+        running[0] -= 1
+        if running[0] == 0:
+            finished.set()
+
+    return caller
+
+
+async def trio_bound(
+    key_names: KeyNames,
+    make_run: MakeRun,
+    apply: Apply,
     callers: int,
+    keys: int,
+    ops: int,
 ) -> float:
-    """Spawn the floor's way (sweeper, then the callers); CPU seconds spent."""
+    """The floor on trio with the variant's ``run`` and per-batch ``apply``: CPU
+    seconds per operation."""
+    each = ops // callers
+    names = key_names(keys)
+    queued: Queued = {key: [] for key in names}
+    wakers: dict[Any, trio.Event] = {key: trio.Event() for key in names}
+    store: dict[Any, Resource] = {key: {"n": 0} for key in names}
+    finished = trio.Event()
+    caller = _caller(make_run(queued, wakers, True), names, callers, each, finished)
+
+    async def sweeper() -> None:
+        while not finished.is_set():
+            await trio.lowlevel.checkpoint()
+            for key in names:
+                batch = queued[key]
+                if not batch:
+                    continue
+                waker = wakers[key]
+                queued[key] = []
+                wakers[key] = trio.Event()
+                resource = dict(store[key])
+                apply(batch, resource)
+                store[key] = resource
+                waker.set()
+
     began = time.process_time()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sweeper)
         for index in range(callers):
             nursery.start_soon(caller, index)
-    return time.process_time() - began
-
-
-async def trio_frame(callers: int, keys: int, ops: int) -> float:
-    """The floor on trio, each operation through ``async def run(key, op)``."""
-    each = ops // callers
-    queued: dict[int, list[Op]] = {k: [] for k in range(keys)}
-    wakers: dict[int, trio.Event] = {k: trio.Event() for k in range(keys)}
-    store: dict[int, dict[str, int]] = {k: {"n": 0} for k in range(keys)}
-    finished = trio.Event()
-    running = [callers]
-
-    async def run(key: int, op: Op) -> None:
-        queued[key].append(op)
-        await wakers[key].wait()
-
-    async def caller(index: int) -> None:
-        key = index % keys
-        for _ in range(each):
-            await run(key, bump)
-        running[0] -= 1
-        if running[0] == 0:
-            finished.set()
-
-    async def sweeper() -> None:
-        while not finished.is_set():
-            await trio.lowlevel.checkpoint()
-            for key in range(keys):
-                batch = queued[key]
-                if not batch:
-                    continue
-                waker = wakers[key]
-                queued[key] = []
-                wakers[key] = trio.Event()
-                resource = dict(store[key])
-                for op in batch:
-                    op(resource)
-                store[key] = resource
-                waker.set()
-
-    spent = await _trio_timed(sweeper, caller, callers)
+    spent = time.process_time() - began
     floor.check(store, each * callers)
     return spent / (each * callers)
 
 
-async def trio_result(callers: int, keys: int, ops: int) -> float:
-    """As ``trio_frame``, and ``run`` returns its operation's own result."""
+async def asyncio_bound(
+    key_names: KeyNames,
+    make_run: MakeRun,
+    apply: Apply,
+    callers: int,
+    keys: int,
+    ops: int,
+) -> float:
+    """The floor on the running asyncio loop with the variant's ``run`` and
+    per-batch ``apply``: CPU seconds per operation."""
+    loop = asyncio.get_running_loop()
     each = ops // callers
-    queued: dict[int, list[list[Any]]] = {k: [] for k in range(keys)}
-    wakers: dict[int, trio.Event] = {k: trio.Event() for k in range(keys)}
-    store: dict[int, dict[str, int]] = {k: {"n": 0} for k in range(keys)}
-    finished = trio.Event()
-    running = [callers]
-
-    async def run(key: int, op: Op) -> Any:
-        record: list[Any] = [op, None]
-        queued[key].append(record)
-        await wakers[key].wait()
-        return record[1]
-
-    async def caller(index: int) -> None:
-        key = index % keys
-        for _ in range(each):
-            await run(key, bump)
-        running[0] -= 1
-        if running[0] == 0:
-            finished.set()
+    names = key_names(keys)
+    queued: Queued = {key: [] for key in names}
+    wakers: dict[Any, asyncio.Future[None]] = {
+        key: loop.create_future() for key in names
+    }
+    store: dict[Any, Resource] = {key: {"n": 0} for key in names}
+    finished = asyncio.Event()
+    caller = _caller(make_run(queued, wakers, False), names, callers, each, finished)
 
     async def sweeper() -> None:
         while not finished.is_set():
-            await trio.lowlevel.checkpoint()
-            for key in range(keys):
-                batch = queued[key]
-                if not batch:
-                    continue
-                waker = wakers[key]
-                queued[key] = []
-                wakers[key] = trio.Event()
-                resource = dict(store[key])
-                for record in batch:
-                    record[1] = record[0](resource)
-                store[key] = resource
-                waker.set()
-
-    spent = await _trio_timed(sweeper, caller, callers)
-    floor.check(store, each * callers)
-    return spent / (each * callers)
-
-
-async def trio_semantics(callers: int, keys: int, ops: int) -> float:
-    """As ``trio_result``, plus routing and a context copy per call."""
-    each = ops // callers
-    names = [f"k{k}" for k in range(keys)]
-    queued: dict[str, list[list[Any]]] = {name: [] for name in names}
-    tables = (queued,) * WORKERS
-    wakers: dict[str, trio.Event] = {name: trio.Event() for name in names}
-    store: dict[str, dict[str, int]] = {name: {"n": 0} for name in names}
-    finished = trio.Event()
-    running = [callers]
-
-    async def run(key: str, op: Op) -> Any:
-        record: list[Any] = [op, None, copy_context()]
-        tables[mmh3.hash(key.encode(), 0, False) % WORKERS][key].append(record)
-        await wakers[key].wait()
-        return record[1]
-
-    async def caller(index: int) -> None:
-        key = names[index % keys]
-        for _ in range(each):
-            await run(key, bump)
-        running[0] -= 1
-        if running[0] == 0:
-            finished.set()
-
-    async def sweeper() -> None:
-        while not finished.is_set():
-            await trio.lowlevel.checkpoint()
+            await asyncio.sleep(0)
             for key in names:
                 batch = queued[key]
                 if not batch:
                     continue
                 waker = wakers[key]
                 queued[key] = []
-                wakers[key] = trio.Event()
+                wakers[key] = loop.create_future()
                 resource = dict(store[key])
-                for record in batch:
-                    record[1] = record[2].run(record[0], resource)
+                apply(batch, resource)
                 store[key] = resource
-                waker.set()
+                waker.set_result(None)
 
-    spent = await _trio_timed(sweeper, caller, callers)
-    floor.check(store, each * callers)
-    return spent / (each * callers)
-
-
-# ------------------------------------------------------------ asyncio, uvloop
-
-
-async def _asyncio_timed(
-    sweeper: Callable[[], Awaitable[None]],
-    caller: Callable[[int], Awaitable[None]],
-    callers: int,
-) -> float:
-    """Spawn the floor's way (one gather); CPU seconds spent."""
     began = time.process_time()
     await asyncio.gather(sweeper(), *(caller(index) for index in range(callers)))
-    return time.process_time() - began
-
-
-async def asyncio_frame(callers: int, keys: int, ops: int) -> float:
-    """The floor on asyncio, each operation through ``async def run(key, op)``."""
-    loop = asyncio.get_running_loop()
-    each = ops // callers
-    queued: dict[int, list[Op]] = {k: [] for k in range(keys)}
-    wakers: dict[int, asyncio.Future[None]] = {
-        k: loop.create_future() for k in range(keys)
-    }
-    store: dict[int, dict[str, int]] = {k: {"n": 0} for k in range(keys)}
-    finished = asyncio.Event()
-    running = [callers]
-
-    async def run(key: int, op: Op) -> None:
-        queued[key].append(op)
-        await wakers[key]
-
-    async def caller(index: int) -> None:
-        key = index % keys
-        for _ in range(each):
-            await run(key, bump)
-        running[0] -= 1
-        if running[0] == 0:
-            finished.set()
-
-    async def sweeper() -> None:
-        while not finished.is_set():
-            await asyncio.sleep(0)
-            for key in range(keys):
-                batch = queued[key]
-                if not batch:
-                    continue
-                waker = wakers[key]
-                queued[key] = []
-                wakers[key] = loop.create_future()
-                resource = dict(store[key])
-                for op in batch:
-                    op(resource)
-                store[key] = resource
-                waker.set_result(None)
-
-    spent = await _asyncio_timed(sweeper, caller, callers)
-    floor.check(store, each * callers)
-    return spent / (each * callers)
-
-
-async def asyncio_result(callers: int, keys: int, ops: int) -> float:
-    """As ``asyncio_frame``, and ``run`` returns its operation's own result."""
-    loop = asyncio.get_running_loop()
-    each = ops // callers
-    queued: dict[int, list[list[Any]]] = {k: [] for k in range(keys)}
-    wakers: dict[int, asyncio.Future[None]] = {
-        k: loop.create_future() for k in range(keys)
-    }
-    store: dict[int, dict[str, int]] = {k: {"n": 0} for k in range(keys)}
-    finished = asyncio.Event()
-    running = [callers]
-
-    async def run(key: int, op: Op) -> Any:
-        record: list[Any] = [op, None]
-        queued[key].append(record)
-        await wakers[key]
-        return record[1]
-
-    async def caller(index: int) -> None:
-        key = index % keys
-        for _ in range(each):
-            await run(key, bump)
-        running[0] -= 1
-        if running[0] == 0:
-            finished.set()
-
-    async def sweeper() -> None:
-        while not finished.is_set():
-            await asyncio.sleep(0)
-            for key in range(keys):
-                batch = queued[key]
-                if not batch:
-                    continue
-                waker = wakers[key]
-                queued[key] = []
-                wakers[key] = loop.create_future()
-                resource = dict(store[key])
-                for record in batch:
-                    record[1] = record[0](resource)
-                store[key] = resource
-                waker.set_result(None)
-
-    spent = await _asyncio_timed(sweeper, caller, callers)
-    floor.check(store, each * callers)
-    return spent / (each * callers)
-
-
-async def asyncio_semantics(callers: int, keys: int, ops: int) -> float:
-    """As ``asyncio_result``, plus routing and a context copy per call."""
-    loop = asyncio.get_running_loop()
-    each = ops // callers
-    names = [f"k{k}" for k in range(keys)]
-    queued: dict[str, list[list[Any]]] = {name: [] for name in names}
-    tables = (queued,) * WORKERS
-    wakers: dict[str, asyncio.Future[None]] = {
-        name: loop.create_future() for name in names
-    }
-    store: dict[str, dict[str, int]] = {name: {"n": 0} for name in names}
-    finished = asyncio.Event()
-    running = [callers]
-
-    async def run(key: str, op: Op) -> Any:
-        record: list[Any] = [op, None, copy_context()]
-        tables[mmh3.hash(key.encode(), 0, False) % WORKERS][key].append(record)
-        await wakers[key]
-        return record[1]
-
-    async def caller(index: int) -> None:
-        key = names[index % keys]
-        for _ in range(each):
-            await run(key, bump)
-        running[0] -= 1
-        if running[0] == 0:
-            finished.set()
-
-    async def sweeper() -> None:
-        while not finished.is_set():
-            await asyncio.sleep(0)
-            for key in names:
-                batch = queued[key]
-                if not batch:
-                    continue
-                waker = wakers[key]
-                queued[key] = []
-                wakers[key] = loop.create_future()
-                resource = dict(store[key])
-                for record in batch:
-                    record[1] = record[2].run(record[0], resource)
-                store[key] = resource
-                waker.set_result(None)
-
-    spent = await _asyncio_timed(sweeper, caller, callers)
+    spent = time.process_time() - began
     floor.check(store, each * callers)
     return spent / (each * callers)
 
 
 # -------------------------------------------------------------------- running
-
-VariantFn = Callable[[int, int, int], Awaitable[float]]
-TRIO: dict[str, VariantFn] = {
-    "floor": floor.trio_floor,
-    "frame": trio_frame,
-    "result": trio_result,
-    "semantics": trio_semantics,
-}
-ASYNCIO: dict[str, VariantFn] = {
-    "floor": floor.asyncio_floor,
-    "frame": asyncio_frame,
-    "result": asyncio_result,
-    "semantics": asyncio_semantics,
-}
 
 
 def measure(variant: str, loop: str, callers: int, keys: int, ops: int) -> float:
@@ -404,8 +320,10 @@ def measure(variant: str, loop: str, callers: int, keys: int, ops: int) -> float
             loop, keybatch_side, loop, callers, keys, ops
         )
         return float(cpu)
-    fn = (TRIO if loop == "trio" else ASYNCIO)[variant]
-    return float(floor.run_loop(loop, fn, callers, keys, ops))
+    if variant == "floor":
+        return floor.floor_on(loop, callers, keys, ops)
+    bound = trio_bound if loop == "trio" else asyncio_bound
+    return float(floor.run_loop(loop, bound, *PARTS[variant], callers, keys, ops))
 
 
 def run_cell(
