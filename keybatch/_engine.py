@@ -629,14 +629,7 @@ class Engine:
                             raise
                         st.failure = exc
                 except BaseException as exc:
-                    st.failure = SaveFailure(exc, True)
-                    _fail_slots(batch, VALUE, SlotState.SAVE_FAILED, st.failure)
-                    self._finish(
-                        worker, st, batch, reason, failed,
-                        self.clock() - began if timed else None,
-                        None, st.failure, replays,
-                    )  # fmt: skip
-                    st.failure = None
+                    self._save_cut_short(st, batch, reason, failed, began, replays, exc)
                     raise
                 finally:
                     worker.saving = False
@@ -660,15 +653,11 @@ class Engine:
                 except BaseException:
                     # Torn down (or a BaseException) during the reload: nothing
                     # was stored (the save raised Conflict); say so, then go.
-                    st.failure = SaveFailure(st.conflict, False)
-                    st.conflict = None
-                    _fail_slots(batch, VALUE, SlotState.SAVE_FAILED, st.failure)
-                    self._finish(
-                        worker, st, batch, reason, failed,
-                        self.clock() - began if timed else None,
-                        None, st.failure, replays,
-                    )  # fmt: skip
-                    st.failure = None
+                    conflict, st.conflict = st.conflict, None
+                    self._save_cut_short(
+                        st, batch, reason, failed, began, replays, conflict, False
+                    )
+                    del conflict
                     raise
                 st.conflict = None
                 if st.failure is not None:
@@ -693,6 +682,28 @@ class Engine:
         self._finish(
             worker, st, batch, reason, failed, save_duration, None, st.failure,
             replays,
+        )  # fmt: skip
+        st.failure = None
+
+    def _save_cut_short(
+        self,
+        st: KeyState,
+        batch: Batch,
+        reason: CloseReason,
+        failed: int,
+        began: float,
+        replays: int,
+        cause: BaseException,
+        landed: bool = True,
+    ) -> None:
+        """A BaseException ends the save (or a replay's reload): the batch's
+        callers get a SaveError first, then the caller re-raises."""
+        st.failure = SaveFailure(cause, landed)
+        _fail_slots(batch, VALUE, SlotState.SAVE_FAILED, st.failure)
+        self._finish(
+            st.worker, st, batch, reason, failed,
+            self.clock() - began if self.timed else None,
+            None, st.failure, replays,
         )  # fmt: skip
         st.failure = None
 
