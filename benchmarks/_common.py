@@ -84,6 +84,26 @@ def run_on(backend: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def each_cell(
+    loops: Sequence[str],
+    cells: Sequence[tuple[int, int]],
+    run_cell: Callable[..., dict[str, Any]],
+    *args: Any,
+) -> list[dict[str, Any]]:
+    """``run_cell(loop, callers, keys, *args)`` for every loop and cell, in that
+    order, saying on stderr which one runs; the results in a list."""
+    results: list[dict[str, Any]] = []
+    for loop in loops:
+        for callers, keys in cells:
+            print(
+                f"   {loop}: {callers} callers x {keys} keys ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            results.append(run_cell(loop, callers, keys, *args))
+    return results
+
+
 def now() -> float:
     return time.perf_counter()
 

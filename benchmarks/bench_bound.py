@@ -69,7 +69,14 @@ import mmh3
 import trio
 
 from . import floor
-from ._common import LOOPS, parse_args, print_header, print_table, write_json
+from ._common import (
+    LOOPS,
+    each_cell,
+    parse_args,
+    print_header,
+    print_table,
+    write_json,
+)
 from .bench_overhead import keybatch_side
 from .floor import bump
 
@@ -366,15 +373,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         " per operation; result = + its own return value; semantics = + mmh3"
         " routing and a context copy; keybatch = bench_overhead's keybatch side"
     )
-    results: list[dict[str, Any]] = []
-    for loop in args.backends:
-        for callers, keys in CELLS[args.mode]:
-            print(
-                f"   {loop}: {callers} callers x {keys} keys ...",
-                file=sys.stderr,
-                flush=True,
-            )
-            results.append(run_cell(loop, callers, keys, ops, repeats))
+    results = each_cell(args.backends, CELLS[args.mode], run_cell, ops, repeats)
     rows = [
         [
             r["loop"],

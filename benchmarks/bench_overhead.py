@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +43,15 @@ import trio
 import keybatch
 
 from . import floor
-from ._common import LOOPS, parse_args, print_header, print_table, pyplot, write_json
+from ._common import (
+    LOOPS,
+    each_cell,
+    parse_args,
+    print_header,
+    print_table,
+    pyplot,
+    write_json,
+)
 
 # (callers, keys) per mode; min_duration is always 0.
 CELLS: dict[str, list[tuple[int, int]]] = {
@@ -172,15 +179,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         " kb/floor = median / median (best: best / best); wall x = the median ratio"
         " in wall time; ops/b = keybatch's operations per batch"
     )
-    results: list[dict[str, Any]] = []
-    for loop in args.backends:
-        for callers, keys in CELLS[args.mode]:
-            print(
-                f"   {loop}: {callers} callers x {keys} keys ...",
-                file=sys.stderr,
-                flush=True,
-            )
-            results.append(run_cell(loop, callers, keys, ops, repeats))
+    results = each_cell(args.backends, CELLS[args.mode], run_cell, ops, repeats)
     rows = [
         [
             r["loop"],
