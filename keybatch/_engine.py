@@ -556,10 +556,6 @@ class Engine:
         backend = self.backend
         deadline = st.deadline
         st.resource = st.failure = None
-        # A failure is an Exception, or (asyncio) a CancelledError that was not
-        # aimed at the worker: something `load` awaited was cancelled by
-        # another task. The worker's own cancellation (teardown) and other
-        # BaseExceptions propagate.
         try:
             if deadline == math.inf:
                 st.resource = await load(st.key)
@@ -568,10 +564,8 @@ class Engine:
                     st.resource = await load(st.key)
                 if scope.cancelled_caught:
                     st.failure = _timeout(st.key, "load", self.options.max_duration)
-        except Exception as exc:
-            st.failure = exc
-        except backend.cancelled as exc:
-            if backend.own_cancellation():
+        except BaseException as exc:
+            if not self._is_failure(exc):
                 raise
             st.failure = exc
         if timed:
@@ -622,10 +616,8 @@ class Engine:
                             with backend.cancel_scope(deadline=deadline) as scope:
                                 await save(st.key, resource)
                             late = scope.cancelled_caught
-                    except Exception as exc:
-                        st.failure = exc  # a failure (see _load)
-                    except backend.cancelled as exc:
-                        if backend.own_cancellation():
+                    except BaseException as exc:
+                        if not self._is_failure(exc):
                             raise
                         st.failure = exc
                 except BaseException as exc:
@@ -684,6 +676,17 @@ class Engine:
             replays,
         )  # fmt: skip
         st.failure = None
+
+    def _is_failure(self, exc: BaseException) -> bool:
+        """Whether what `load` or `save` raised is a failure for the batch's
+        callers: an Exception, or (asyncio) a CancelledError not aimed at the
+        worker (something it awaited was cancelled by another task). The
+        worker's own cancellation (teardown) and other BaseExceptions are not:
+        they propagate."""
+        if isinstance(exc, Exception):
+            return True
+        backend = self.backend
+        return isinstance(exc, backend.cancelled) and not backend.own_cancellation()
 
     def _save_cut_short(
         self,

@@ -144,15 +144,13 @@ class _Handoff(Exception):
 
 @final
 class AsyncioBackend:
-    __slots__ = ("_loop", "_scope_class", "_done", "_new_future")
+    __slots__ = ("_loop", "_scope_class", "_new_future")
 
     name = "asyncio"
     cancelled = asyncio.CancelledError
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._done: asyncio.Future[None] = self._loop.create_future()
-        self._done.set_result(None)
         self._new_future = _future_factory(self._loop)
         # anyio.CancelScope(...) looks the backend up on every call; the class it
         # returns, called directly, builds the same scope at about half the cost.
